@@ -1,0 +1,160 @@
+"""Decode: one file in, the model's input views out, as uint8 arrays.
+
+Runs in DataLoader worker processes, so it touches neither torch nor the device. It opens the
+file, checks the pixel cap from the header alone, asks JPEG for a reduced-scale decode when the
+target is smaller (PIL's draft mode: 1/2, 1/4 or 1/8 of the work), applies the EXIF orientation,
+converts every mode to RGB (alpha is composited on white, 16-bit is scaled, CMYK and palettes
+are converted), and cuts the views: the whole image resized and centre-cropped exactly as the
+model's image processor does, plus square tiles when tiling is on. Every failure becomes a
+`DecodeError` with a short reason; it never escapes as anything else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import tiling
+from .errors import DecodeError
+
+Image.MAX_IMAGE_PIXELS = None  # the cap is ours (Preprocess.max_pixels), checked from the header
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the model's image processor does, plus how omni decodes. Picklable for workers."""
+
+    size: int = 224  # the model's square input
+    shortest_edge: int | None = 224  # resize the short side to this, then centre-crop; None = squash
+    resample: int = Image.Resampling.BICUBIC
+    draft: bool = True  # JPEG reduced-scale decoding; False = exactly the reference path
+    tiles: str = "off"  # off | auto | RxC
+    tile_overlap: float = 0.2
+    max_pixels: int = 200_000_000
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray  # (views, 3, size, size) uint8
+    width: int  # after EXIF orientation
+    height: int
+
+
+def load(path: str, spec: Preprocess) -> Decoded:
+    """Open `path` and cut its views, or raise DecodeError with a short reason."""
+    try:
+        return _load(path, spec)
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError("file vanished") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not an image") from None
+    except Image.DecompressionBombError:
+        raise DecodeError("too many pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        if "truncated" in text or isinstance(exc, EOFError):
+            raise DecodeError(f"truncated {_format_name(path)}") from None
+        raise DecodeError(f"corrupt image: {text[:120]}") from None
+    except MemoryError:
+        raise DecodeError("out of memory decoding") from None
+    except Exception as exc:  # a decoder bug must not kill the run; the row says what happened
+        raise DecodeError(f"decoder error: {type(exc).__name__}: {str(exc)[:100]}") from None
+
+
+def _load(path: str, spec: Preprocess) -> Decoded:
+    if os.path.getsize(path) == 0:
+        raise DecodeError("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's EXIF and palette chatter is not the user's problem
+        with Image.open(path) as img:
+            raw_w, raw_h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+            if raw_w * raw_h > spec.max_pixels:
+                raise DecodeError(f"too many pixels ({raw_w}x{raw_h} > {spec.max_pixels:,})")
+            if img.format == "JPEG" and spec.draft:
+                scale = needed_scale(raw_w, raw_h, spec)
+                if scale < 1.0:
+                    img.draft("RGB", (math.ceil(raw_w * scale), math.ceil(raw_h * scale)))
+            img.load()
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+    # EXIF orientations 5-8 swap the axes; the drafted image is the same shape, smaller.
+    width, height = (raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h)
+    views = [resize_crop(rgb, spec)]
+    grid = tiling.grid_for(width, height, spec.tiles, spec.tile_overlap, spec.size)
+    if grid:
+        sx, sy = rgb.width / width, rgb.height / height
+        for left, top, right, bottom in grid:
+            box = (left * sx, top * sy, right * sx, bottom * sy)
+            tile = rgb.resize((spec.size, spec.size), spec.resample, box=box, reducing_gap=_gap(spec))
+            views.append(np.asarray(tile))
+    pixels = np.stack(views).transpose(0, 3, 1, 2)  # (views, 3, size, size)
+    return Decoded(np.ascontiguousarray(pixels), width, height)
+
+
+def needed_scale(width: int, height: int, spec: Preprocess) -> float:
+    """The smallest scale of the full image that still serves every view at full quality."""
+    short = spec.shortest_edge or spec.size
+    scale = short / min(width, height)
+    tile = tiling.tile_side(width, height, spec.tiles, spec.tile_overlap, spec.size)
+    if tile:
+        scale = max(scale, spec.size / tile)
+    return scale
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: alpha over white, 16-bit scaled down, palettes expanded."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """The global view, as CLIPImageProcessor makes it: short side to N (bicubic), centre crop."""
+    if spec.shortest_edge is None:
+        out = img.resize((spec.size, spec.size), spec.resample, reducing_gap=_gap(spec))
+        return np.asarray(out)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    out = np.asarray(img.resize((new_w, new_h), spec.resample, reducing_gap=_gap(spec)))
+    top, left = (new_h - spec.size) // 2, (new_w - spec.size) // 2
+    if top < 0 or left < 0:  # a processor whose resize is smaller than its crop: pad like it does
+        padded = np.zeros((max(new_h, spec.size), max(new_w, spec.size), 3), np.uint8)
+        pt, pl = max(-top, 0), max(-left, 0)
+        padded[pt : pt + new_h, pl : pl + new_w] = out
+        out, top, left = padded, max(top, 0), max(left, 0)
+    return out[top : top + spec.size, left : left + spec.size]
+
+
+def _gap(spec: Preprocess) -> float | None:
+    # reducing_gap box-filters large downscales first: much faster, not bit-exact.
+    return 3.0 if spec.draft else None
+
+
+def _format_name(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return {"jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "tif": "TIFF"}.get(
+        ext, ext.upper() or "image"
+    )

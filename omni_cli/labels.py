@@ -1,0 +1,179 @@
+"""Labels and prompts: from a labels file to the text side of the classifier.
+
+A labels file is UTF-8 (a BOM is tolerated), one label per line; blank lines and `#` comments
+are ignored, a duplicate label is an error that names both line numbers, and a line
+`label: prompt one | prompt two` gives that label its own prompts instead of the template.
+`classifier()` turns the prompts into one `(dim, labels)` matrix, the way open_clip's
+zero-shot classifier does: fill templates, encode, L2-normalise, average per label, normalise
+again. The matrix is cached on disk, keyed by the model and the exact prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LabelsError, UsageError
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+# The 80 prompts of the CLIP paper's ImageNet ensemble (Radford et al., 2021).
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
+    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
+    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
+    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
+    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
+    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
+    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
+    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.",
+    "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.",
+    "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
+    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
+    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.",
+    "the plushie {}.", "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.",
+    "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
+)  # fmt: skip
+
+NAMED_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "imagenet": IMAGENET_TEMPLATES,
+    "none": ("{}",),
+}
+
+
+@dataclass(frozen=True)
+class Label:
+    """One label and, when the file gave them, its own prompts."""
+
+    name: str
+    prompts: tuple[str, ...] = ()
+    line: int = 0
+
+
+def read_labels(path: Path) -> list[Label]:
+    """Parse a labels file; raise LabelsError with the line number for anything wrong."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise LabelsError(f"labels file not found: {path}") from None
+    except IsADirectoryError:
+        raise LabelsError(f"labels file is a directory: {path}") from None
+    except OSError as exc:
+        raise LabelsError(f"cannot read labels file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LabelsError(f"{path}:{line}: not valid UTF-8") from None
+
+    labels: list[Label] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, prompts = stripped, ()
+        if ":" in stripped:
+            head, _, tail = stripped.partition(":")
+            prompts = tuple(p.strip() for p in tail.split("|") if p.strip())
+            if not prompts:
+                raise LabelsError(f"{path}:{number}: '{head.strip()}:' has no prompts after ':'")
+            name = head.strip()
+            if not name:
+                raise LabelsError(f"{path}:{number}: a line with prompts needs a label before ':'")
+        if name in seen:
+            raise LabelsError(
+                f"{path}: duplicate label '{name}' on lines {seen[name]} and {number}"
+            )
+        seen[name] = number
+        labels.append(Label(name, prompts, number))
+    if not labels:
+        raise LabelsError(f"labels file has no labels: {path} (one label per line)")
+    return labels
+
+
+def resolve_template(template: str) -> tuple[str, ...]:
+    """A template string with `{}`, or the name of an ensemble such as `imagenet`."""
+    if template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[template]
+    if "{}" not in template:
+        names = ", ".join(sorted(NAMED_TEMPLATES))
+        raise UsageError(f"--template must contain '{{}}' or be one of: {names}")
+    return (template,)
+
+
+def prompts_for(labels: Sequence[Label], template: str) -> list[tuple[str, ...]]:
+    """The prompts of each label: its own, else the template(s) filled with its name."""
+    templates = resolve_template(template)
+    return [lab.prompts or tuple(t.replace("{}", lab.name) for t in templates) for lab in labels]
+
+
+def classifier(
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    prompts: Sequence[tuple[str, ...]],
+    *,
+    batch: int = 256,
+) -> torch.Tensor:
+    """Encode every prompt, average per label and normalise: returns (dim, labels) float32."""
+    flat = [p for group in prompts for p in group]
+    chunks = [encode_texts(flat[i : i + batch]) for i in range(0, len(flat), batch)]
+    emb = torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)  # (prompts, dim)
+    columns, start = [], 0
+    for group in prompts:
+        mean = emb[start : start + len(group)].mean(dim=0)
+        columns.append(torch.nn.functional.normalize(mean, dim=0))
+        start += len(group)
+    return torch.stack(columns, dim=1)  # (dim, labels)
+
+
+def cache_dir() -> Path:
+    """Where label matrices are cached: $OMNI_CACHE_DIR, else $XDG_CACHE_HOME/omni."""
+    if os.environ.get("OMNI_CACHE_DIR"):
+        return Path(os.environ["OMNI_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "omni"
+
+
+def cached_classifier(
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    prompts: Sequence[tuple[str, ...]],
+    model_key: str,
+) -> tuple[torch.Tensor, bool]:
+    """`classifier()` behind an on-disk cache; returns (matrix on CPU, whether it was cached).
+
+    A cache that cannot be read or written is ignored: it only ever saves time.
+    """
+    digest = hashlib.sha256(json.dumps([model_key, list(prompts)]).encode()).hexdigest()[:32]
+    path = cache_dir() / "labels" / f"{digest}.pt"
+    try:
+        matrix = torch.load(path, map_location="cpu", weights_only=True)
+        if matrix.shape[1] == len(prompts):
+            return matrix, True
+    except (OSError, RuntimeError, ValueError, EOFError):
+        pass
+    matrix = classifier(encode_texts, prompts).cpu()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(matrix, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return matrix, False

@@ -1,0 +1,202 @@
+"""Sink: the Parquet schema, crash-safe partial results, and the atomic finish.
+
+Rows are buffered and flushed as numbered part files inside `OUT.partial/`, each written to a
+temporary name, fsync'ed and renamed, so a part either exists whole or not at all: a run
+killed at any instant leaves only complete parts, which the next run picks up. `finish()`
+streams the rows carried over from the previous output and every part into `OUT.tmp`, fsyncs
+it and renames it over `OUT`, so a valid previous or new output exists at every instant.
+Writing happens on a background thread, off the encoder's hot path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+
+META_KEY = b"omni"
+
+
+def schema(num_labels: int, *, embeddings: bool, metadata: dict) -> pa.Schema:
+    """The output schema of design.md section 2, with the run's metadata under key `omni`."""
+    fields = [
+        pa.field("root", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("mtime_ns", pa.int64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("views", pa.int16()),
+        pa.field("similarity", pa.list_(pa.float32(), num_labels)),
+        pa.field("probs", pa.list_(pa.float32(), num_labels)),
+        pa.field("top_labels", pa.list_(pa.string())),
+        pa.field("top_scores", pa.list_(pa.float32())),
+    ]
+    if embeddings:
+        fields.append(pa.field("embedding", pa.list_(pa.float16())))
+    return pa.schema(fields, metadata={META_KEY: json.dumps(metadata, ensure_ascii=False)})
+
+
+def read_metadata(path: Path) -> dict | None:
+    """The `omni` metadata of an output file, or None if it is missing or unreadable."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[META_KEY]) if META_KEY in meta else None
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        return None
+
+
+def partial_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def check_writable(output: Path) -> None:
+    """Fail before any work if the output's folder is missing or not writable."""
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"output folder does not exist: {folder}")
+    if output.is_dir():
+        raise OutputError(f"output is a folder: {output}")
+    probe = folder / f".omni-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror}") from None
+
+
+class Sink:
+    """Buffered, crash-safe writer of result rows for one output file."""
+
+    def __init__(self, output: Path, schema: pa.Schema, *, part_rows: int = 1024,
+                 part_seconds: float = 30.0):  # fmt: skip
+        self.output = Path(output)
+        self.schema = schema
+        self.part_rows = part_rows
+        self.part_seconds = part_seconds
+        self.folder = partial_dir(self.output)
+        self.folder.mkdir(exist_ok=True)
+        self._buffer: list[pa.RecordBatch] = []
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+        self._next = _next_part_number(self.folder)
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="omni-sink", daemon=True)
+        self._thread.start()
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Add rows; a part is flushed when enough rows or seconds have gathered."""
+        self._raise_if_failed()
+        self._buffer.append(batch)
+        self._buffered += batch.num_rows
+        if self._buffered >= self.part_rows or (
+            time.monotonic() - self._last_flush >= self.part_seconds
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the buffered rows to the writer thread as one part."""
+        if self._buffer:
+            table = pa.Table.from_batches(self._buffer, schema=self.schema)
+            self._queue.put((self._next, table))
+            self._next += 1
+            self._buffer, self._buffered = [], 0
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and wait until every part is on disk."""
+        self.flush()
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def finish(self, carried: Iterable[pa.RecordBatch] = (), keep=None) -> int:
+        """Write OUT from `carried` rows plus every part, atomically; returns the row count.
+
+        `keep(batch)`, if given, masks the parts' rows that still belong (an interrupted run may
+        have flushed rows for files that have changed since).
+        """
+        self.close()
+        tmp = self.output.with_name(self.output.name + ".tmp")
+        rows = 0
+        try:
+            with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+                parts = read_parts(self.folder, self.schema)
+                if keep is not None:
+                    parts = (b.filter(keep(b)) for b in parts)
+                for batch in itertools.chain(carried, parts):
+                    if batch.num_rows:
+                        writer.write_batch(batch, row_group_size=batch.num_rows)
+                    rows += batch.num_rows
+            _fsync(tmp)
+            os.replace(tmp, self.output)
+            _fsync_dir(self.output.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}") from None
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return rows
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            number, table = item
+            try:
+                _write_part(self.folder, number, table)
+            except BaseException as exc:  # reported on the caller's thread
+                self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            exc = self._error
+            raise OutputError(f"cannot write results to {self.folder}: {exc}") from exc
+
+
+def read_parts(folder: Path, schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
+    """Every complete part in `folder`, in order (temporary files are ignored)."""
+    for part in sorted(folder.glob("part-*.parquet")):
+        table = pq.read_table(part, schema=schema)
+        yield from table.to_batches()
+
+
+def _write_part(folder: Path, number: int, table: pa.Table) -> None:
+    final = folder / f"part-{number:06d}.parquet"
+    tmp = folder / f".part-{number:06d}.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    _fsync(tmp)
+    os.replace(tmp, final)
+
+
+def _next_part_number(folder: Path) -> int:
+    numbers = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.parquet")]
+    return max(numbers, default=-1) + 1
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        _fsync(folder if str(folder) else Path("."))
+    except OSError:
+        pass  # not every filesystem lets a folder be fsync'ed

@@ -1,0 +1,104 @@
+"""Sources: walk the input paths and stat every image file, cheaply and deterministically.
+
+Only names with an image extension become rows (a text file called `x.jpg` does, and fails
+later as `not an image`); hidden files and folders are skipped. Symlinks are followed, with
+each real folder visited once so that a loop in the tree cannot hang a run. A symlink that
+points nowhere, or a file that cannot be stat'ed, is still a row, carrying its error.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputNotFound
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .webp .tif .tiff .bmp .dib".split()
+)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One input file: where it was found, what stat said, or why stat failed."""
+
+    root: str  # the PATH argument it was found under, as given
+    rel: str  # relative to root, '/' separators, printable (undecodable bytes escaped)
+    path: str  # what to open
+    bytes: int = 0
+    mtime_ns: int = 0
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.root, self.rel)
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8: bytes that are not UTF-8 become `\\xNN` escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def check_inputs(inputs: Sequence[Path]) -> None:
+    """Fail before any work if an input PATH does not exist."""
+    for path in inputs:
+        if not os.path.exists(path):
+            raise InputNotFound(f"input not found: {path}")
+
+
+def discover(inputs: Sequence[Path], *, recursive: bool = True) -> Iterator[FileEntry]:
+    """Every image file under the inputs, in sorted order, each stat'ed once."""
+    check_inputs(inputs)
+    for arg in inputs:
+        given = str(arg)
+        if os.path.isdir(given):
+            yield from _walk(given, given, "", recursive, set())
+        else:
+            root = os.path.dirname(given) or "."
+            yield _entry(root, os.path.basename(given), given)
+
+
+def _walk(root: str, folder: str, prefix: str, recursive: bool, seen: set) -> Iterator[FileEntry]:
+    try:
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            return  # a symlink loop, or a folder reached twice
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(folder) as it:
+            children = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return  # an unreadable folder holds no rows we can name
+    for child in children:
+        if child.name.startswith("."):
+            continue
+        rel = prefix + child.name
+        try:
+            is_dir = child.is_dir()  # follows symlinks
+        except OSError:
+            is_dir = False
+        if is_dir:
+            if recursive:
+                yield from _walk(root, child.path, rel + "/", recursive, seen)
+        elif is_image_name(child.name):
+            yield _entry(root, rel, child.path)
+
+
+def _entry(root: str, rel: str, path: str) -> FileEntry:
+    rel = printable(rel)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        reason = "broken symlink" if os.path.islink(path) else "file vanished"
+        return FileEntry(root, rel, path, error=reason)
+    except OSError as exc:
+        return FileEntry(root, rel, path, error=f"cannot stat: {exc.strerror}")
+    if not stat.S_ISREG(info.st_mode):
+        return FileEntry(root, rel, path, info.st_size, info.st_mtime_ns, "not a regular file")
+    return FileEntry(root, rel, path, info.st_size, info.st_mtime_ns)

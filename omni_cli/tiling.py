@@ -1,0 +1,77 @@
+"""Tiling geometry: where the square tiles of a large image lie.
+
+A grid of R x C square tiles covers the whole image, neighbours overlapping by at least the
+requested fraction of a tile. The tile side is the smallest that covers the image with that
+grid, but never more than the image's short side; where that cap binds, the count along the
+long side grows until the tiles cover it again. `auto` aims at tiles of `AUTO_TILE_FACTOR` times
+the model's input (720 px for a 224 px model) and tiles nothing smaller than two such tiles.
+Pure arithmetic: no pixels, no PIL, so it is cheap to test exhaustively.
+"""
+
+from __future__ import annotations
+
+import math
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom in pixels
+
+AUTO_TILE_FACTOR = 720 / 224
+
+
+def parse(tiles: str) -> tuple[int, int] | None:
+    """`off` -> None; `RxC` -> (R, C); `auto` is resolved per image by `grid_for`."""
+    if tiles in ("off", "auto"):
+        return None
+    rows, cols = tiles.split("x")
+    return int(rows), int(cols)
+
+
+def tile_side(width: int, height: int, tiles: str, overlap: float, input_size: int) -> int | None:
+    """The side of this image's tiles in pixels, or None when it gets no tiles."""
+    shape = _shape(width, height, tiles, overlap, input_size)
+    return shape[2] if shape else None
+
+
+def grid_for(width: int, height: int, tiles: str, overlap: float, input_size: int) -> list[Box]:
+    """The tile boxes for one image (row-major); empty when it gets no tiles."""
+    shape = _shape(width, height, tiles, overlap, input_size)
+    if not shape:
+        return []
+    rows, cols, s = shape
+    xs, ys = _starts(width, s, cols), _starts(height, s, rows)
+    return [(x, y, x + s, y + s) for y in ys for x in xs]
+
+
+def _shape(width: int, height: int, tiles: str, overlap: float, input_size: int):
+    if tiles == "off" or width < 1 or height < 1:
+        return None
+    if tiles == "auto":
+        target = AUTO_TILE_FACTOR * input_size
+        if max(width, height) < 2 * target or min(width, height) < target:
+            return None
+        rows, cols = _count(height, target, overlap), _count(width, target, overlap)
+    else:
+        rows, cols = parse(tiles)
+    side = math.ceil(max(_cover(width, cols, overlap), _cover(height, rows, overlap)) - 1e-9)
+    side = min(side, width, height)
+    rows = 1 if side >= height else max(rows, _count(height, side, overlap))
+    cols = 1 if side >= width else max(cols, _count(width, side, overlap))
+    return rows, cols, side
+
+
+def _cover(length: int, n: int, overlap: float) -> float:
+    """Side of n tiles that span `length` with neighbours overlapping by `overlap` of a side."""
+    return length / (n - overlap * (n - 1))
+
+
+def _count(length: int, side: float, overlap: float) -> int:
+    """Fewest tiles of `side` that span `length` with at least `overlap` between neighbours."""
+    if side >= length:
+        return 1
+    step = side * (1 - overlap)
+    return 1 + math.ceil((length - side) / step - 1e-9)
+
+
+def _starts(length: int, side: int, n: int) -> list[int]:
+    if n == 1:
+        return [max(0, (length - side) // 2)]
+    return [round(i * (length - side) / (n - 1)) for i in range(n)]
