@@ -28,10 +28,13 @@ class ModelConfig:
     precision: str = "auto"
     batch: int | None = None  # None = auto
     compile: bool = False
+    max_gpu_memory: int | None = None  # bytes on the GPU; the rest of the model goes to the CPU
 
     def __post_init__(self) -> None:
         if not _DEVICE.match(self.device):
-            raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, not '{self.device}'")
+            raise UsageError(
+                f"--device must be auto, cpu, cuda, cuda:N or mps, not '{self.device}'"
+            )
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.batch is not None and self.batch < 1:
@@ -77,6 +80,7 @@ class TagConfig:
     save_embeddings: bool = False
     resume: bool = True
     full: bool = False
+    flush_rows: int = 1024  # rows per crash-safe part in OUT.partial/
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -87,5 +91,7 @@ class TagConfig:
             raise UsageError("--threshold must be between 0 and 1")
         if self.workers is not None and self.workers < 0:
             raise UsageError("--workers must be >= 0")
+        if self.flush_rows < 1:
+            raise UsageError("--flush-rows must be positive")
         if self.output.suffix != ".parquet":
             raise UsageError(f"output must end in .parquet: {self.output}")

@@ -10,22 +10,20 @@ files are unchanged. Only the rest is decoded and encoded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import torch
-
 from . import __version__, scoring
 from .config import TagConfig
 from .encoder import Encoder, load_encoder
 from .labels import cached_classifier, prompts_for, read_labels
-from .loader import Batch, default_workers, make_loader
+from .loader import default_workers, make_loader
 from .lock import OutputLock
+from .rows import Tagger
 from .sink import Sink, check_writable, schema
 from .sources import check_inputs, discover
 from .state import plan_work
@@ -82,9 +80,17 @@ def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -
         plan = plan_work(cfg, entries, out_schema)
         if plan.message:
             emit(Progress("note", message=plan.message))
-        sink = Sink(cfg.output, out_schema)
+        sink = Sink(cfg.output, out_schema, part_rows=cfg.flush_rows)
         started = time.perf_counter()
-        tagger = _Tagger(cfg, encoder, classifier, [lab.name for lab in labels], out_schema)
+        tagger = Tagger(
+            encoder,
+            classifier,
+            [lab.name for lab in labels],
+            out_schema,
+            top_k=cfg.top_k,
+            threshold=cfg.threshold,
+        )
+        plan.rescore = functools.partial(tagger.rescore, relabel=plan.relabel)
         errors, done = [], 0
         emit(Progress("tag", 0, len(plan.todo), 0, "tagging"))
         try:
@@ -98,13 +104,17 @@ def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -
                 plan.todo,
                 spec,
                 batch=encoder.batch,
-                workers=default_workers() if cfg.workers is None else cfg.workers,
+                workers=cfg.workers if cfg.workers is not None
+                else default_workers(encoder.device.type),
                 pin=encoder.device.type == "cuda",
             )
             for batch in loader:
                 sink.write(tagger.rows(batch))
-                errors += [(e.root, e.rel, batch.errors[i]) for i, e in enumerate(batch.entries)
-                           if i in batch.errors]  # fmt: skip
+                errors += [
+                    (e.root, e.rel, batch.errors[i])
+                    for i, e in enumerate(batch.entries)
+                    if i in batch.errors
+                ]
                 done += len(batch.entries)
                 emit(Progress("tag", done, len(plan.todo), len(errors), "tagging"))
         except BaseException:
@@ -117,81 +127,6 @@ def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -
     return TagResult(
         cfg.output, rows, done, rows - done, errors, seconds, encoder.precision, encoder.batch
     )
-
-
-class _Tagger:
-    """Turns a decoded batch into output rows: encode, score, combine views, top-k."""
-
-    def __init__(self, cfg: TagConfig, encoder: Encoder, classifier, labels, out_schema):
-        self.cfg, self.encoder, self.classifier = cfg, encoder, classifier
-        self.labels, self.schema = labels, out_schema
-
-    def rows(self, batch: Batch) -> pa.RecordBatch:
-        enc, n, n_labels = self.encoder, len(batch.entries), len(self.labels)
-        full_sim = np.zeros((n, n_labels), np.float32)
-        full_probs = np.zeros((n, n_labels), np.float32)
-        valid = np.zeros(n, bool)
-        valid[batch.ok] = True
-        top_idx, top_scores, emb = [], [], None
-        if batch.ok:
-            emb = enc.encode_images(batch.pixels)  # (views, dim)
-            sim_views = scoring.similarity(emb, self.classifier)  # (views, labels)
-            sim = scoring.combine_views(sim_views, batch.views, enc.logit_scale, enc.logit_bias)
-            probs = scoring.probabilities(sim, enc.logit_scale, enc.logit_bias)
-            top_idx, top_scores = scoring.top_k(probs, self.cfg.top_k, self.cfg.threshold)
-            full_sim[batch.ok] = sim.float().cpu().numpy()
-            full_probs[batch.ok] = probs.float().cpu().numpy()
-        width, height, views = [None] * n, [None] * n, [None] * n
-        top_labels, top_vals = [[] for _ in range(n)], [[] for _ in range(n)]
-        for j, pos in enumerate(batch.ok):
-            width[pos], height[pos] = batch.sizes[j]
-            views[pos] = batch.views[j]
-            top_labels[pos] = [self.labels[i] for i in top_idx[j]]
-            top_vals[pos] = top_scores[j]
-        entries = batch.entries
-        columns = {
-            "root": [e.root for e in entries],
-            "path": [e.rel for e in entries],
-            "status": ["error" if i in batch.errors else "ok" for i in range(n)],
-            "error": [batch.errors.get(i) for i in range(n)],
-            "bytes": [e.bytes for e in entries],
-            "mtime_ns": [e.mtime_ns for e in entries],
-            "width": width,
-            "height": height,
-            "views": views,
-            "similarity": _fixed(full_sim, valid),
-            "probs": _fixed(full_probs, valid),
-            "top_labels": top_labels,
-            "top_scores": top_vals,
-        }
-        if self.cfg.save_embeddings:
-            columns["embedding"] = _embeddings(emb, batch, n)
-        arrays = [
-            c if isinstance(c, pa.Array) else pa.array(c, type=f.type)
-            for c, f in zip(columns.values(), self.schema, strict=True)
-        ]
-        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
-
-
-def _fixed(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """(rows, labels) float32 -> fixed_size_list<float32>[labels], null where not valid."""
-    flat = pa.array(values.reshape(-1), type=pa.float32())
-    mask = pa.array(~valid)
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=mask)
-
-
-def _embeddings(emb: torch.Tensor | None, batch: Batch, n: int) -> list:
-    """Every view's embedding of each image, flattened (views x dim), as float16."""
-    out: list = [None] * n
-    if emb is None:
-        return out
-    views = emb.half().cpu().numpy()
-    start = 0
-    for j, pos in enumerate(batch.ok):
-        count = batch.views[j]
-        out[pos] = views[start : start + count].reshape(-1)
-        start += count
-    return out
 
 
 def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[str], prompts) -> dict:

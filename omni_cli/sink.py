@@ -10,6 +10,7 @@ Writing happens on a background thread, off the encoder's hot path.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -81,8 +82,9 @@ def check_writable(output: Path) -> None:
 class Sink:
     """Buffered, crash-safe writer of result rows for one output file."""
 
-    def __init__(self, output: Path, schema: pa.Schema, *, part_rows: int = 1024,
-                 part_seconds: float = 30.0):  # fmt: skip
+    def __init__(
+        self, output: Path, schema: pa.Schema, *, part_rows: int = 1024, part_seconds: float = 30.0
+    ):
         self.output = Path(output)
         self.schema = schema
         self.part_rows = part_rows
@@ -196,7 +198,5 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsync'ed
         _fsync(folder if str(folder) else Path("."))
-    except OSError:
-        pass  # not every filesystem lets a folder be fsync'ed

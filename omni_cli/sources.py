@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import InputNotFound
 
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .gif .webp .tif .tiff .bmp .dib".split()
+    [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".dib"]
 )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +24,10 @@ from .config import TagConfig
 from .sink import META_KEY, partial_dir, read_parts
 from .sources import FileEntry
 
-# Metadata that decides whether a stored similarity is still the one this run would compute.
-FINGERPRINT = ("model", "revision", "precision", "preprocess", "tiles", "tile_overlap", "labels",
-               "prompts", "embedding")  # fmt: skip
+# Metadata that decides whether a stored embedding is still the one this run would compute.
+ENCODING = ("model", "revision", "precision", "preprocess", "tiles", "tile_overlap")
+# ... and whether a stored row can be used as it is.
+FINGERPRINT = (*ENCODING, "labels", "prompts", "embedding", "top_k", "threshold")
 
 
 @dataclass
@@ -35,17 +36,24 @@ class Plan:
     schema: pa.Schema
     keep: pa.Array  # keys (root, path, bytes, mtime_ns) of rows that belong in the output
     previous: Path | None = None  # the output whose unchanged ok rows are carried over
+    carry: pa.Array | None = None  # keys of those rows
+    relabel: bool = False  # labels changed: rescore carried rows from their embeddings
+    rescore: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None  # set by the pipeline
     carried_errors: list[tuple[str, str, str]] = field(default_factory=list)
     message: str = ""
 
     def carried(self) -> Iterator[pa.RecordBatch]:
-        """The previous output's rows for unchanged files, in the new schema."""
+        """The previous output's rows for unchanged files, in the new schema.
+
+        Rows are rescored (`rescore`) when the labels changed, and always get their top tags
+        recomputed, since --top-k and --threshold may differ from the previous run's.
+        """
         if self.previous is None:
             return
         for batch in pq.ParquetFile(self.previous).iter_batches(batch_size=4096):
-            rows = batch.filter(pc.and_(pc.equal(batch["status"], "ok"), self.matches(batch)))
+            rows = batch.filter(pc.is_in(row_keys(batch), value_set=self.carry))
             if rows.num_rows:
-                yield pa.RecordBatch.from_arrays(rows.columns, schema=self.schema)
+                yield self.rescore(rows) if self.rescore else rows
 
     def matches(self, batch: pa.RecordBatch | pa.Table) -> pa.Array:
         """Which rows describe a file exactly as it is now."""
@@ -53,8 +61,12 @@ class Plan:
 
 
 def row_keys(batch) -> pa.Array:
-    parts = [batch["root"], batch["path"], pc.cast(batch["bytes"], pa.string()),
-             pc.cast(batch["mtime_ns"], pa.string())]  # fmt: skip
+    parts = [
+        batch["root"],
+        batch["path"],
+        pc.cast(batch["bytes"], pa.string()),
+        pc.cast(batch["mtime_ns"], pa.string()),
+    ]
     return pc.binary_join_element_wise(*parts, "\x00")
 
 
@@ -87,25 +99,38 @@ def plan_work(cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema) -
             if resumed:
                 notes.append(f"resuming: {len(resumed):,} rows from an interrupted run")
     if cfg.output.exists() and not cfg.full:
-        previous = pq.read_schema(cfg.output) if _readable(cfg.output) else None
-        if previous is None:
-            notes.append(f"{cfg.output} is not a readable omni output: tagging everything")
-        elif fingerprint(previous) != want or previous.names != schema.names:
-            changed = [k for k in FINGERPRINT if fingerprint(previous)[k] != want[k]]
-            notes.append(f"previous output differs in {', '.join(changed) or 'columns'}: "
-                         "tagging everything")  # fmt: skip
-        else:
-            table = pq.read_table(cfg.output, columns=["root", "path", "status", "bytes",
-                                                       "mtime_ns"])  # fmt: skip
-            ok = table.filter(pc.equal(table["status"], "ok"))
-            carried = set(row_keys(ok.filter(plan.matches(ok))).to_pylist()) - done
-            if carried:
-                plan.previous = cfg.output
-                notes.append(f"incremental: {len(carried):,} unchanged files carried over")
-            done |= carried
+        note, carried = _previous(cfg.output, want, plan, done)
+        notes.append(note)
+        done |= carried
     plan.todo = [e for k, e in keys.items() if k not in done]
     plan.message = "; ".join(notes)
     return plan
+
+
+def _previous(output: Path, want: dict, plan: Plan, done: set[str]) -> tuple[str, set[str]]:
+    """Decide what the previous output can give this run; returns (note, carried keys)."""
+    previous = _schema(output)
+    if previous is None:
+        return f"{output} is not a readable omni output: tagging everything", set()
+    have = fingerprint(previous)
+    changed = [k for k in ENCODING if have[k] != want[k]]
+    if want["embedding"] and "embedding" not in previous.names:
+        changed.append("embeddings")
+    relabel = have["labels"] != want["labels"] or have["prompts"] != want["prompts"]
+    if relabel and "embedding" not in previous.names:
+        changed.append("labels (no stored embeddings to rescore from: see --save-embeddings)")
+    if changed:
+        return f"previous output differs in {', '.join(changed)}: tagging everything", set()
+    table = pq.read_table(output, columns=["root", "path", "status", "bytes", "mtime_ns"])
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    carried = set(row_keys(ok.filter(plan.matches(ok))).to_pylist()) - done
+    if not carried:
+        return "", carried
+    plan.previous = output
+    plan.carry = pa.array(sorted(carried), pa.string())
+    plan.relabel = relabel
+    how = "rescored from stored embeddings" if relabel else "carried over"
+    return f"incremental: {len(carried):,} unchanged files {how}", carried
 
 
 def _resume(partial: Path, want: dict, plan: Plan) -> set[str] | None:
@@ -121,15 +146,15 @@ def _resume(partial: Path, want: dict, plan: Plan) -> set[str] | None:
             batch = batch.filter(plan.matches(batch))
             keys |= set(row_keys(batch).to_pylist())
             errors = batch.filter(pc.equal(batch["status"], "error"))
-            plan.carried_errors += zip(*(errors[c].to_pylist() for c in ("root", "path", "error")))
+            columns = (errors[c].to_pylist() for c in ("root", "path", "error"))
+            plan.carried_errors += zip(*columns, strict=True)
     except (OSError, pa.ArrowException):
         return None
     return keys
 
 
-def _readable(path: Path) -> bool:
+def _schema(path: Path) -> pa.Schema | None:
     try:
-        pq.read_schema(path)
-        return True
+        return pq.read_schema(path)
     except (OSError, pa.ArrowException):
-        return False
+        return None

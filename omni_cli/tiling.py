@@ -74,4 +74,4 @@ def _count(length: int, side: float, overlap: float) -> int:
 def _starts(length: int, side: int, n: int) -> list[int]:
     if n == 1:
         return [max(0, (length - side) // 2)]
-    return [round(i * (length - side) / (n - 1)) for i in range(n)]
+    return sorted({round(i * (length - side) / (n - 1)) for i in range(n)})  # tiny images: dedupe

@@ -1,0 +1,108 @@
+"""Labels files, templates and the text classifier matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omni_cli.errors import LabelsError, UsageError
+from omni_cli.labels import (
+    IMAGENET_TEMPLATES,
+    cached_classifier,
+    classifier,
+    prompts_for,
+    read_labels,
+)
+
+
+def write(tmp_path, text: str, encoding="utf-8"):
+    path = tmp_path / "labels.txt"
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_comments_blanks_bom_and_custom_prompts(tmp_path):
+    path = write(tmp_path, "\ufeff# heading\n\n  cat  \ndog: a dog. | a puppy.\n# end\n")
+    labels = read_labels(path)
+    assert [lab.name for lab in labels] == ["cat", "dog"]
+    assert labels[1].prompts == ("a dog.", "a puppy.")
+    assert prompts_for(labels, "a photo of a {}.") == [
+        ("a photo of a cat.",),
+        ("a dog.", "a puppy."),
+    ]
+
+
+def test_duplicates_name_both_lines(tmp_path):
+    path = write(tmp_path, "cat\n\ndog\ncat: a cat.\n")
+    with pytest.raises(LabelsError, match="duplicate label 'cat' on lines 1 and 4"):
+        read_labels(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "has no labels"),
+        ("# nothing\n\n", "has no labels"),
+        ("dog:\n", "has no prompts"),
+        (": a cat\n", "needs a label"),
+    ],
+)
+def test_malformed_files(tmp_path, text, message):
+    with pytest.raises(LabelsError, match=message):
+        read_labels(write(tmp_path, text))
+
+
+def test_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_bytes(b"cat\ncaf\xe9\n")
+    with pytest.raises(LabelsError, match=":2: not valid UTF-8"):
+        read_labels(path)
+
+
+def test_imagenet_ensemble_has_the_80_prompts_of_the_paper():
+    assert len(IMAGENET_TEMPLATES) == len(set(IMAGENET_TEMPLATES)) == 80
+    prompts = prompts_for(read_labels_from(["goldfish"]), "imagenet")[0]
+    assert len(prompts) == 80 and "itap of a goldfish." in prompts
+
+
+def test_template_needs_a_placeholder():
+    with pytest.raises(UsageError):
+        prompts_for(read_labels_from(["cat"]), "a photo")
+
+
+def read_labels_from(names):
+    from omni_cli.labels import Label
+
+    return [Label(n) for n in names]
+
+
+def fake_encoder(calls):
+    table = {"a": [1.0, 0.0], "b": [0.0, 2.0], "c": [3.0, 3.0]}
+
+    def encode(texts):
+        calls.append(list(texts))
+        return torch.tensor([table[t] for t in texts])
+
+    return encode
+
+
+def test_classifier_normalises_averages_and_normalises_again():
+    matrix = classifier(fake_encoder([]), [("a", "b"), ("c",)])
+    assert matrix.shape == (2, 2)  # (dim, labels)
+    s = 2**-0.5
+    assert torch.allclose(matrix[:, 0], torch.tensor([s, s]))  # mean of (1,0) and (0,1), normalised
+    assert torch.allclose(matrix[:, 1], torch.tensor([s, s]))
+    assert torch.allclose(matrix.norm(dim=0), torch.ones(2))
+
+
+def test_classifier_cache_is_keyed_by_model_and_prompts(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNI_CACHE_DIR", str(tmp_path))
+    calls = []
+    first, hit = cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@1")
+    assert not hit and len(calls) == 1
+    again, hit = cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@1")
+    assert hit and len(calls) == 1 and torch.equal(first, again)
+    _, hit = cached_classifier(fake_encoder(calls), [("a",), ("c",)], "model@1")
+    assert not hit
+    _, hit = cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@2")
+    assert not hit
