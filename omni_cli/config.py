@@ -47,7 +47,7 @@ class DecodeConfig:
 
     exact: bool = False  # no JPEG draft decoding: matches the reference preprocessing
     tiles: str = "off"  # off | auto | RxC
-    tile_overlap: float = 0.2
+    tile_overlap: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
@@ -72,7 +72,7 @@ class TagConfig:
     output: Path = Path("tags.parquet")
     model: ModelConfig = field(default_factory=ModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    workers: int | None = None  # None = one per core, at most 8
+    workers: int | None = None  # None = loader.default_workers(device)
     template: str = "a photo of a {}."
     top_k: int = 5
     threshold: float | None = None

@@ -5,7 +5,7 @@ file, checks the pixel cap from the header alone, asks JPEG for a reduced-scale 
 target is smaller (PIL's draft mode: 1/2, 1/4 or 1/8 of the work), applies the EXIF orientation,
 converts every mode to RGB (alpha is composited on white, 16-bit is scaled, CMYK and palettes
 are converted), and cuts the views: the whole image resized and centre-cropped exactly as the
-model's image processor does, plus square tiles when tiling is on. Every failure becomes a
+model's image processor does, plus the tiling views (tiling.py) when on. Every failure becomes a
 `DecodeError` with a short reason; it never escapes as anything else.
 """
 
@@ -36,7 +36,7 @@ class Preprocess:
     resample: int = Image.Resampling.BICUBIC
     draft: bool = True  # JPEG reduced-scale decoding; False = exactly the reference path
     tiles: str = "off"  # off | auto | RxC
-    tile_overlap: float = 0.2
+    tile_overlap: float = 0.5
     max_pixels: int = 200_000_000
 
 
@@ -93,9 +93,9 @@ def _load(path: str, spec: Preprocess) -> Decoded:
     width, height = (raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h)
     views = [resize_crop(rgb, spec)]
     grid = tiling.grid_for(width, height, spec.tiles, spec.tile_overlap, spec.size)
-    if grid:
+    if grid:  # tiled: the whole-image squares, then the tiles (see tiling.py)
         sx, sy = rgb.width / width, rgb.height / height
-        for left, top, right, bottom in grid:
+        for left, top, right, bottom in tiling.whole_boxes(width, height) + grid:
             box = (left * sx, top * sy, right * sx, bottom * sy)
             tile = rgb.resize(
                 (spec.size, spec.size), spec.resample, box=box, reducing_gap=_gap(spec)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import scoring
+from . import scoring, tiling
 from .encoder import Encoder
 from .loader import Batch
 
@@ -30,11 +30,17 @@ class Tagger:
         self.top_k, self.threshold = top_k, threshold
         self.embeddings = "embedding" in schema.names
 
-    def score(self, emb: torch.Tensor, views: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def score(
+        self, emb: torch.Tensor, views: list[int], sizes: list[tuple[int, int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(total views, dim) embeddings -> (images, labels) similarity and probabilities."""
         enc = self.encoder
+        whole = [
+            tiling.whole_view_count(w, h) if v > 1 else 1
+            for v, (w, h) in zip(views, sizes, strict=True)
+        ]
         sim_views = scoring.similarity(emb, self.classifier)  # (views, labels)
-        sim = scoring.combine_views(sim_views, views, enc.logit_scale, enc.logit_bias)
+        sim = scoring.combine_views(sim_views, views, whole, enc.logit_scale, enc.logit_bias)
         probs = scoring.probabilities(sim, enc.logit_scale, enc.logit_bias)
         return sim.float().cpu().numpy(), probs.float().cpu().numpy()
 
@@ -45,7 +51,7 @@ class Tagger:
         emb = None
         if batch.ok:
             emb = self.encoder.encode_images(batch.pixels)  # (views, dim)
-            sim[batch.ok], probs[batch.ok] = self.score(emb, batch.views)
+            sim[batch.ok], probs[batch.ok] = self.score(emb, batch.views, batch.sizes)
         width, height, views = [None] * n, [None] * n, [None] * n
         for j, pos in enumerate(batch.ok):
             width[pos], height[pos] = batch.sizes[j]
@@ -74,7 +80,8 @@ class Tagger:
         if relabel:
             flat = np.concatenate(rows["embedding"].to_numpy(zero_copy_only=False))
             emb = torch.from_numpy(flat.astype(np.float32)).view(sum(views), -1)
-            sim, probs = self.score(emb.to(self.encoder.device), views)
+            sizes = list(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
+            sim, probs = self.score(emb.to(self.encoder.device), views, sizes)
         else:
             sim, probs = _matrix(rows["similarity"]), _matrix(rows["probs"])
         names = ["root", "path", "status", "error", "bytes", "mtime_ns", "width", "height", "views"]

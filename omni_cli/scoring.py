@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-# A tiled image's global view wins when its own softmax is at least this sure of its top label.
-GLOBAL_CONFIDENCE = 0.5
+# The tiling rule (benchmarks/tiling.py): a tile is "sure" when its top probability reaches
+# TILE_SURE; an object that makes at most SMALL_SHARE of the tiles sure is small.
+TILE_SURE = 0.9
+SMALL_SHARE = 0.1
 
 
 def similarity(embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -28,26 +30,37 @@ def probabilities(sim: torch.Tensor, logit_scale: float, logit_bias: float | Non
 
 
 def combine_views(
-    sim: torch.Tensor, views: list[int], logit_scale: float, logit_bias: float | None = None
+    sim: torch.Tensor,
+    views: list[int],
+    whole: list[int],
+    logit_scale: float,
+    logit_bias: float | None = None,
 ) -> torch.Tensor:
-    """(total views, labels) -> (images, labels); the first view of each image is the global one.
+    """(total views, labels) -> (images, labels): each image's scores are those of one view.
 
-    Untiled images pass through. For a tiled image: if the global view is confident (its top
-    probability >= GLOBAL_CONFIDENCE) its similarities stand, since tiles that cut through a
-    large object are confidently wrong; otherwise each label takes its maximum over all views,
-    so a small object seen clearly by one tile is found.
+    Per image, `views` counts its views and `whole` how many of them come first and see the
+    whole image (the global view and the whole-image squares); the rest are tiles. A small
+    object is seen clearly by a few tiles, a large one by many tiles, each of which sees only a
+    part of it and is often confidently wrong about it. So: if between one tile and
+    SMALL_SHARE of the tiles are sure (top probability >= TILE_SURE), the image takes the
+    scores of its surest tile; otherwise those of its surest whole-image view. Untiled images
+    pass through. No device synchronisation: the choice stays on the device.
     """
     if all(v == 1 for v in views):
         return sim
     rows, start = [], 0
-    for count in views:
+    for count, n_whole in zip(views, whole, strict=True):
         group = sim[start : start + count]  # (count, labels)
         start += count
-        if count == 1:
+        if count == 1 or n_whole >= count:
             rows.append(group[0])
             continue
-        confident = probabilities(group[:1], logit_scale, logit_bias).max() >= GLOBAL_CONFIDENCE
-        rows.append(group[0] if confident else group.max(dim=0).values)
+        sure = probabilities(group, logit_scale, logit_bias).max(dim=-1).values  # (count,)
+        tiles = sure[n_whole:]
+        n_sure = (tiles >= TILE_SURE).sum()
+        small = (n_sure >= 1) & (n_sure <= max(1.0, SMALL_SHARE * len(tiles)))
+        pick = torch.where(small, n_whole + tiles.argmax(), sure[:n_whole].argmax())
+        rows.append(group[pick])
     return torch.stack(rows)
 
 

@@ -62,7 +62,7 @@ class VramConfig:
     batches: tuple[int, ...] = (1, 16, 64, 256)
     tiles: str = "off"
     image: tuple[int, int] = (3840, 2160)  # width, height the tiles are counted for
-    tile_overlap: float = 0.2
+    tile_overlap: float = 0.5
     budget: int | None = None  # bytes; None = free GPU memory, or available RAM on the CPU
     device: str = "auto"
     measure: bool = False
@@ -187,8 +187,8 @@ def meta_model(config) -> torch.nn.Module:
 
 
 def views_per_image(tiles: str, image: tuple[int, int], overlap: float, input_size: int) -> int:
-    """1 global view, plus the tiles `tiling.grid_for` gives an image of this size."""
-    return 1 + len(tiling.grid_for(image[0], image[1], tiles, overlap, input_size))
+    """The views `tag` encodes for an image of this size (see tiling.py)."""
+    return tiling.view_count(image[0], image[1], tiles, overlap, input_size)
 
 
 def detect_budget(device: torch.device) -> tuple[int, str]:
@@ -216,8 +216,10 @@ def weight_bytes(model: torch.nn.Module, precision: str, device: torch.device) -
     if precision in ("int8", "nf4"):
         from transformers.quantizers.base import get_keys_to_not_convert
 
-        skip = set() if device.type == "cpu" and precision == "int8" else set(
-            get_keys_to_not_convert(model)
+        skip = (
+            set()
+            if device.type == "cpu" and precision == "int8"
+            else set(get_keys_to_not_convert(model))
         )
         quantised = {name for name, m in model.named_modules()
                      if isinstance(m, torch.nn.Linear) and name not in skip}  # fmt: skip

@@ -41,8 +41,10 @@ def test_weight_memory_is_exact_from_the_meta_model(precision):
 
 
 def test_views_with_auto_tiles_on_4k():
-    assert vram.views_per_image("auto", (3840, 2160), 0.2, 224) == 1 + 28
-    assert vram.views_per_image("off", (3840, 2160), 0.2, 224) == 1
+    # global view + 3 whole-image squares + 6 x 10 tiles of 527 px
+    assert vram.views_per_image("auto", (3840, 2160), 0.3, 224) == 1 + 3 + 60
+    assert vram.views_per_image("off", (3840, 2160), 0.3, 224) == 1
+    assert vram.views_per_image("auto", (1024, 768), 0.3, 224) == 1
 
 
 def test_json_report_fits_the_budget():
@@ -76,7 +78,7 @@ def test_table_output_names_precisions():
     result = runner.invoke(app, ["vram", "--model", "random:vit-b-32", "--budget", "8GiB",
                                  "--device", "cpu", "--tiles", "auto"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "29 views per image" in result.output
+    assert "95 views per image" in result.output
     for precision in vram.ALL_PRECISIONS:
         assert precision in result.output
 
