@@ -76,7 +76,7 @@ def tag(
         None, help="Cap on GPU memory for the model (e.g. 6GiB); the rest is placed on the CPU."
     ),
     workers: int = typer.Option(
-        None, help="Decode worker processes (default: one per core, at most 8)."
+        None, help="Decode worker processes (default: GPU one per core, at most 8; CPU cores // 8)."
     ),
     template: str = typer.Option("a photo of a {}.", help="Prompt with {}, or 'imagenet' (80)."),
     top_k: int = typer.Option(5, help="Tags kept in top_labels."),
@@ -86,7 +86,7 @@ def tag(
         False, help="No JPEG draft decoding: match transformers' preprocessing."
     ),
     tiles: str = typer.Option("off", help="off, auto or RxC: also score square tiles."),
-    tile_overlap: float = typer.Option(0.2, help="Overlap between neighbouring tiles."),
+    tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles (fraction)."),
     max_pixels: int = typer.Option(DecodeConfig.max_pixels, help="Refuse larger images."),
     save_embeddings: bool = typer.Option(False, help="Store every view's embedding (float16)."),
     resume: bool = typer.Option(True, help="Pick up rows flushed by an interrupted run."),
@@ -280,6 +280,8 @@ def bench(
     resolution: str = typer.Option("1024x768", help="Synthetic size: 1080p, 4k, 720p or WxH."),
     baseline: bool = typer.Option(False, help="Also time the naive loop (CLIPProcessor, fp32)."),
     exact: bool = typer.Option(False, help="No JPEG draft decoding (the reference path)."),
+    tiles: str = typer.Option("off", help="off, auto or RxC, as `tag --tiles`."),
+    tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles."),
     repeat: int = typer.Option(1, help="Rounds; each stage reports its fastest."),
     json_file: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
@@ -300,6 +302,8 @@ def bench(
             workers=workers,
             baseline=baseline,
             exact=exact,
+            tiles=tiles,
+            tile_overlap=tile_overlap,
             repeat=repeat,
         )
 

@@ -305,8 +305,9 @@ def _bnb_replace(model: torch.nn.Module, precision: str, dtype: torch.dtype) -> 
                 new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias,
                                         compute_dtype=dtype, compress_statistics=False,
                                         quant_type="nf4", device="meta")  # fmt: skip
-                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
-                                               compress_statistics=False)  # as transformers does
+                new.weight = bnb.nn.Params4bit(
+                    weight, requires_grad=False, quant_type="nf4", compress_statistics=False
+                )  # as transformers does
             else:
                 new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
                                           has_fp16_weights=False, device="meta")  # fmt: skip
@@ -423,7 +424,7 @@ def _pickled_message(model: str, files: str) -> str:
     return (
         f"model {model} has only pickled weights ({files}); omni loads safetensors only, "
         "because unpickling a file can run arbitrary code. If you trust it, convert it once: "
-        "python -c \"from transformers import AutoModel; "
+        'python -c "from transformers import AutoModel; '
         f"AutoModel.from_pretrained('{model}').save_pretrained('{model}')\""
     )
 

@@ -77,17 +77,19 @@ def default_workers(device: str = "cuda") -> int:
     """Decode workers when --workers is not given.
 
     On a GPU the CPU decode is the bound (design.md section 6): one worker per core, at most 8.
-    On the CPU the encoder is the bound and already uses every core, so workers only steal its
-    time: one draft-decoding worker does ~120-220 images/s of 1024x768 JPEGs, while ViT-B/32
-    encodes ~35/s on 2 cores, so one worker per 8 cores keeps it fed. Measured on the shared
-    2-core EPYC (random ViT-B/32 bf16, 1024x768 JPEGs, `omni bench`, two rounds each): `tag` at
-    86-97% of the encoder alone with 1 worker; 70-105% with 2 (as fast within the noise, ~1 GiB
-    more RSS); 85% with 0, where decoding and encoding take turns instead of overlapping.
+    On the CPU the encoder is the bound and its threads already use every core. A worker process
+    then preempts one of them, and the others wait for it at the next barrier, so a worker's
+    decode time costs every core: on the 2-core EPYC (random ViT-B/32 bf16 at ~72 images/s,
+    1024x768 JPEGs, `omni bench --repeat 3`, four alternating runs) `tag` reached 83-87% of the
+    encoder alone with 0 workers (decode in the encoding process, ~2.8 ms per image, taking
+    turns with the encoder) and only 71-82% with 1 worker; 2 workers were no faster and held
+    ~1 GiB more RSS. So small CPUs decode in-process. From 8 cores up (not measured here), one
+    worker per 8 cores keeps a fast encoder fed.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     if device == "cpu":
-        return max(1, cores // 8)
+        return cores // 8
     return max(1, min(8, cores))
 
 

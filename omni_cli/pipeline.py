@@ -104,7 +104,8 @@ def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -
                 plan.todo,
                 spec,
                 batch=encoder.batch,
-                workers=cfg.workers if cfg.workers is not None
+                workers=cfg.workers
+                if cfg.workers is not None
                 else default_workers(encoder.device.type),
                 pin=encoder.device.type == "cuda",
             )
@@ -142,8 +143,9 @@ def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[str], prompts
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
         "tile_overlap": cfg.decode.tile_overlap,
-        "tile_rule": f"global view if its top prob >= {scoring.GLOBAL_CONFIDENCE}, "
-        "else per-label max over all views",
+        "tile_rule": "views: global, whole-image squares, tiles; an image takes the scores of its "
+        f"surest tile if 1 to {scoring.SMALL_SHARE:.0%} of its tiles have a top probability "
+        f">= {scoring.TILE_SURE}, else of its surest whole-image view",
         "similarity": "cosine(image embedding, label embedding)",
         "probs": "softmax(logit_scale * similarity)"
         if clip
@@ -152,7 +154,7 @@ def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[str], prompts
         "logit_bias": encoder.logit_bias,
         "top_k": cfg.top_k,
         "threshold": cfg.threshold,
-        "embedding": "float16, every view (global first), flattened views x dim"
+        "embedding": "float16, every view (global, squares, tiles): views x dim, flattened"
         if cfg.save_embeddings
         else None,
         "omni_version": __version__,
