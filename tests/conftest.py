@@ -14,6 +14,15 @@ MODEL = Path(__file__).parent / "fixtures" / "tiny-clip"
 LABELS = synthetic.LABELS
 
 
+def omni_tag(*args):
+    """`omni tag ARGS...` through Typer's CliRunner; arguments may be paths or numbers."""
+    from typer.testing import CliRunner
+
+    from omni_cli.cli import app
+
+    return CliRunner().invoke(app, ["tag", *map(str, args)])
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep the label-embedding cache out of the user's home."""

@@ -8,17 +8,10 @@ import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from omni_cli.cli import app
+from .conftest import LABELS, MODEL, omni_tag
 
-from .conftest import LABELS, MODEL
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, ["tag", *map(str, args)])
+run = omni_tag
 
 
 def tag_args(folder, labels, out, *extra):

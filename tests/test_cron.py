@@ -12,15 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from omni_cli import decode, synthetic
-from omni_cli.cli import app
 from omni_cli.config import ModelConfig, TagConfig
 from omni_cli.lock import OutputLock
 from omni_cli.pipeline import tag
 
-from .conftest import LABELS, MODEL
+from .conftest import LABELS, MODEL, omni_tag
 
 # Runs `omni` with every encoder forward slowed down, so a test can interrupt it mid-run.
 SLOW_OMNI = (
@@ -189,19 +187,7 @@ def test_second_run_on_the_same_output_is_refused(tmp_path, labels_file):
     make_folder(folder, 2)
     out.write_bytes(b"previous output")
     with OutputLock(out):
-        result = CliRunner().invoke(
-            app,
-            [
-                "tag",
-                str(folder),
-                "--labels",
-                str(labels_file),
-                "-o",
-                str(out),
-                "--model",
-                str(MODEL),
-            ],
-        )
+        result = omni_tag(folder, "--labels", labels_file, "-o", out, "--model", MODEL)
     assert result.exit_code == 4
     assert f"(pid {os.getpid()}) is writing {out}" in result.output
     assert out.read_bytes() == b"previous output"
@@ -235,25 +221,8 @@ def test_bad_input_zoo(tmp_path, labels_file, monkeypatch):
         return original(path, spec)
 
     monkeypatch.setattr(decode, "load", vanish_first)
-    result = CliRunner().invoke(
-        app,
-        [
-            "tag",
-            str(folder),
-            "--labels",
-            str(labels_file),
-            "-o",
-            str(out),
-            "--model",
-            str(MODEL),
-            "--workers",
-            "0",
-            "--max-pixels",
-            "10000000",
-            "--batch",
-            "3",
-        ],
-    )
+    result = omni_tag(folder, "--labels", labels_file, "-o", out, "--model", MODEL,
+                      "--workers", 0, "--max-pixels", 10_000_000, "--batch", 3)  # fmt: skip
     assert result.exit_code == 3, result.output
     rows = rows_by_path(out)
     assert {k: v["error"] for k, v in rows.items() if v["status"] == "error"} == {
@@ -272,9 +241,7 @@ def test_bad_input_zoo(tmp_path, labels_file, monkeypatch):
         assert rows[k]["top_labels"][0] == LABELS[int(k[3:6]) % len(LABELS)]
 
 
-def test_new_labels_rescore_from_stored_embeddings_without_decoding(
-    tmp_path, labels_file, opened
-):
+def test_new_labels_rescore_from_stored_embeddings_without_decoding(tmp_path, labels_file, opened):
     folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
     make_folder(folder, 9)
     tag(config(folder, labels_file, out, save_embeddings=True))
