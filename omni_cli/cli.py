@@ -8,6 +8,7 @@ the exit code design.md lists; an interrupted run exits 130 (SIGINT) or 143 (SIG
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -96,6 +97,13 @@ def tag(
     log_json: bool = typer.Option(
         False, "--log-json", help="JSON lines on stdout (notes, summary, errors) for machines."
     ),
+    engine: str = typer.Option("local", help="local, or ray: run on a Ray cluster (extra [ray])."),
+    ray_address: str = typer.Option(
+        None, help="With --engine ray: the cluster's HOST:PORT (default: start a local one)."
+    ),
+    ray_tmp: Path = typer.Option(
+        None, help="With --engine ray: the local cluster's temp folder (default: TMP/omni-ray)."
+    ),
 ) -> None:
     """Tag every image under PATHS with its similarity to each label, into one Parquet file.
 
@@ -103,6 +111,15 @@ def tag(
     not be read (they are `error` rows); 4 another run holds the output's lock.
     """
     from .pipeline import tag as run_tag
+
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter("must be local or ray", param_hint="--engine")
+    if engine == "local" and (ray_address or ray_tmp):
+        raise typer.BadParameter("needs --engine ray", param_hint="--ray-address/--ray-tmp")
+    if engine == "ray":
+        from .ray_engine import tag_ray
+
+        run_tag = functools.partial(tag_ray, address=ray_address, tmp_dir=ray_tmp)
 
     def build() -> TagConfig:
         return TagConfig(

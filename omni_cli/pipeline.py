@@ -17,16 +17,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from . import __version__, scoring
 from .config import TagConfig
+from .decode import Preprocess
 from .encoder import Encoder, load_encoder
-from .labels import cached_classifier, prompts_for, read_labels
+from .labels import Label, cached_classifier, prompts_for, read_labels
 from .loader import default_workers, make_loader
 from .lock import OutputLock
 from .rows import Tagger
 from .sink import Sink, check_writable, schema
-from .sources import check_inputs, discover
-from .state import plan_work
+from .sources import FileEntry, check_inputs, discover
+from .state import Plan, plan_work
 
 
 @dataclass
@@ -63,46 +66,21 @@ class TagResult:
 def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -> TagResult:
     """Run one `omni tag` job as configured; raise an OmniError for anything fatal."""
     emit = on_progress or (lambda event: None)
-    labels = read_labels(cfg.labels_file)
-    prompts = prompts_for(labels, cfg.template)
-    check_inputs(cfg.inputs)
-    check_writable(cfg.output)
+    labels, prompts = prepare(cfg)
     with OutputLock(cfg.output):
         emit(Progress("scan", message="listing files"))
         entries = list(discover(cfg.inputs, recursive=cfg.recursive))
         emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
-        encoder = load_encoder(cfg.model, exact=cfg.decode.exact)
-        encoder.on_backoff = lambda b: emit(Progress("note", message=f"out of memory: batch {b}"))
-        classifier, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
-        classifier = classifier.to(encoder.device)
-        meta = run_metadata(cfg, encoder, labels=[lab.name for lab in labels], prompts=prompts)
-        out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
-        plan = plan_work(cfg, entries, out_schema)
-        if plan.message:
-            emit(Progress("note", message=plan.message))
-        sink = Sink(cfg.output, out_schema, part_rows=cfg.flush_rows)
+        encoder, classifier = load_model(cfg, prompts, emit)
+        plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
+        sink = Sink(cfg.output, plan.schema, part_rows=cfg.flush_rows)
         started = time.perf_counter()
-        tagger = Tagger(
-            encoder,
-            classifier,
-            [lab.name for lab in labels],
-            out_schema,
-            top_k=cfg.top_k,
-            threshold=cfg.threshold,
-        )
-        plan.rescore = functools.partial(tagger.rescore, relabel=plan.relabel)
         errors, done = [], 0
         emit(Progress("tag", 0, len(plan.todo), 0, "tagging"))
         try:
-            spec = dataclasses.replace(
-                encoder.preprocess,
-                tiles=cfg.decode.tiles,
-                tile_overlap=cfg.decode.tile_overlap,
-                max_pixels=cfg.decode.max_pixels,
-            )
             loader = make_loader(
                 plan.todo,
-                spec,
+                decode_spec(cfg, encoder),
                 batch=encoder.batch,
                 workers=cfg.workers
                 if cfg.workers is not None
@@ -127,6 +105,59 @@ def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -
     errors = plan.carried_errors + errors
     return TagResult(
         cfg.output, rows, done, rows - done, errors, seconds, encoder.precision, encoder.batch
+    )
+
+
+def prepare(cfg: TagConfig) -> tuple[list[Label], list[tuple[str, ...]]]:
+    """Check the labels, inputs and output before any work; returns (labels, prompts)."""
+    labels = read_labels(cfg.labels_file)
+    prompts = prompts_for(labels, cfg.template)
+    check_inputs(cfg.inputs)
+    check_writable(cfg.output)
+    return labels, prompts
+
+
+def load_model(
+    cfg: TagConfig, prompts, emit: Callable[[Progress], None] | None = None
+) -> tuple[Encoder, torch.Tensor]:
+    """The encoder and the (dim, labels) label classifier on its device."""
+    encoder = load_encoder(cfg.model, exact=cfg.decode.exact)
+    if emit is not None:
+        encoder.on_backoff = lambda b: emit(Progress("note", message=f"out of memory: batch {b}"))
+    classifier, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
+    return encoder, classifier.to(encoder.device)
+
+
+def plan_run(
+    cfg: TagConfig,
+    entries: list[FileEntry],
+    encoder: Encoder,
+    classifier: torch.Tensor,
+    labels: list[Label],
+    prompts,
+    emit: Callable[[Progress], None],
+) -> tuple[Plan, Tagger]:
+    """The output schema, what is left to do (`plan.schema`, `plan.todo`) and the row builder."""
+    names = [lab.name for lab in labels]
+    meta = run_metadata(cfg, encoder, labels=names, prompts=prompts)
+    out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
+    plan = plan_work(cfg, entries, out_schema)
+    if plan.message:
+        emit(Progress("note", message=plan.message))
+    tagger = Tagger(
+        encoder, classifier, names, out_schema, top_k=cfg.top_k, threshold=cfg.threshold
+    )
+    plan.rescore = functools.partial(tagger.rescore, relabel=plan.relabel)
+    return plan, tagger
+
+
+def decode_spec(cfg: TagConfig, encoder: Encoder) -> Preprocess:
+    """The model's preprocessing plus this run's tiling and pixel cap."""
+    return dataclasses.replace(
+        encoder.preprocess,
+        tiles=cfg.decode.tiles,
+        tile_overlap=cfg.decode.tile_overlap,
+        max_pixels=cfg.decode.max_pixels,
     )
 
 
