@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from . import __version__, scoring
@@ -73,38 +75,55 @@ def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -
         emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
         encoder, classifier = load_model(cfg, prompts, emit)
         plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
-        sink = Sink(cfg.output, plan.schema, part_rows=cfg.flush_rows)
-        started = time.perf_counter()
-        errors, done = [], 0
-        emit(Progress("tag", 0, len(plan.todo), 0, "tagging"))
-        try:
-            loader = make_loader(
-                plan.todo,
-                decode_spec(cfg, encoder),
-                batch=encoder.batch,
-                workers=cfg.workers
-                if cfg.workers is not None
-                else default_workers(encoder.device.type),
-                pin=encoder.device.type == "cuda",
-            )
-            for batch in loader:
-                sink.write(tagger.rows(batch))
-                errors += [
-                    (e.root, e.rel, batch.errors[i])
-                    for i, e in enumerate(batch.entries)
-                    if i in batch.errors
-                ]
-                done += len(batch.entries)
-                emit(Progress("tag", done, len(plan.todo), len(errors), "tagging"))
-        except BaseException:
-            sink.close()  # whatever finished is flushed, so a rerun resumes from it
-            raise
-        seconds = time.perf_counter() - started
-        emit(Progress("finish", done, len(plan.todo), len(errors), "writing output"))
-        rows = sink.finish(plan.carried(), keep=plan.matches)
-    errors = plan.carried_errors + errors
+        loader = make_loader(
+            plan.todo,
+            decode_spec(cfg, encoder),
+            batch=encoder.batch,
+            workers=default_workers(encoder.device.type) if cfg.workers is None else cfg.workers,
+            pin=encoder.device.type == "cuda",
+        )
+        return write_rows(cfg, plan, encoder, (tagger.rows(b) for b in loader), emit)
+
+
+def write_rows(
+    cfg: TagConfig,
+    plan: Plan,
+    encoder: Encoder,
+    rows: Iterable[pa.RecordBatch],
+    emit: Callable[[Progress], None],
+) -> TagResult:
+    """Stream an engine's output rows into the sink, then finish the output atomically.
+
+    Whatever finished is flushed when anything goes wrong, Ctrl-C included, so a rerun resumes.
+    """
+    sink = Sink(cfg.output, plan.schema, part_rows=cfg.flush_rows)
+    started = time.perf_counter()
+    errors: list[tuple[str, str, str]] = []
+    done = 0
+    emit(Progress("tag", 0, len(plan.todo), 0, "tagging"))
+    try:
+        for batch in rows:
+            sink.write(batch)
+            failed = batch.filter(pc.equal(batch["status"], "error"))
+            columns = (failed[c].to_pylist() for c in ("root", "path", "error"))
+            errors += zip(*columns, strict=True)
+            done += batch.num_rows
+            emit(Progress("tag", done, len(plan.todo), len(errors), "tagging"))
+    except BaseException:
+        sink.close()
+        raise
+    seconds = time.perf_counter() - started
+    emit(Progress("finish", done, len(plan.todo), len(errors), "writing output"))
+    total = sink.finish(plan.carried(), keep=plan.matches)
     return TagResult(
-        cfg.output, rows, done, rows - done, errors, seconds, encoder.precision, encoder.batch
+        cfg.output,
+        total,
+        done,
+        total - done,
+        plan.carried_errors + errors,
+        seconds,
+        encoder.precision,
+        encoder.batch,
     )
 
 

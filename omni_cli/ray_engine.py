@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,23 +27,28 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .config import TagConfig
 from .decode import Decoded, Preprocess
 from .errors import OmniError, UsageError
 from .loader import ImageDataset, collate
 from .lock import OutputLock
-from .pipeline import Progress, TagResult, decode_spec, load_model, plan_run, prepare
+from .pipeline import (
+    Progress,
+    TagResult,
+    decode_spec,
+    load_model,
+    plan_run,
+    prepare,
+    write_rows,
+)
 from .rows import Tagger
-from .sink import Sink
 from .sources import FileEntry, discover
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address before giving up
 ENCODER_CPUS = 0.5  # CPUs an encoder actor reserves on a CPU-only cluster
 DECODE_BATCH = 16  # files per decode task
 DEFAULT_PORT = 6379  # what `ray start --head` listens on
-ERROR_COLUMNS = ("root", "path", "error")
 
 # The columns a decoded file travels in, from the decode tasks to the encoder actors.
 DECODED = pa.schema(
@@ -112,30 +116,13 @@ def _run(ray, cfg, place: Placement, entries, labels, prompts, emit) -> TagResul
     encoder, classifier = ray.get(describe.remote(actor_cfg, prompts))
     plan, _ = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
     names = [lab.name for lab in labels]
-    sink = Sink(cfg.output, plan.schema, part_rows=cfg.flush_rows)
-    started = time.perf_counter()
-    errors, done = [], 0
-    emit(Progress("tag", 0, len(plan.todo), 0, "tagging"))
-    try:
-        if plan.todo:
-            for table in _dataset(ray, actor_cfg, place, plan, encoder, prompts, names):
-                for batch in table.to_batches():
-                    batch = pa.RecordBatch.from_arrays(batch.columns, schema=plan.schema)
-                    sink.write(batch)
-                    failed = batch.filter(pc.equal(batch["status"], "error"))
-                    errors += zip(*(failed[c].to_pylist() for c in ERROR_COLUMNS), strict=True)
-                    done += batch.num_rows
-                emit(Progress("tag", done, len(plan.todo), len(errors), "tagging"))
-    except BaseException:
-        sink.close()  # whatever finished is flushed, so a rerun resumes from it
-        raise
-    seconds = time.perf_counter() - started
-    emit(Progress("finish", done, len(plan.todo), len(errors), "writing output"))
-    rows = sink.finish(plan.carried(), keep=plan.matches)
-    errors = plan.carried_errors + errors
-    return TagResult(
-        cfg.output, rows, done, rows - done, errors, seconds, encoder.precision, encoder.batch
+    tables = _dataset(ray, actor_cfg, place, plan, encoder, prompts, names) if plan.todo else []
+    rows = (
+        pa.RecordBatch.from_arrays(batch.columns, schema=plan.schema)
+        for table in tables
+        for batch in table.to_batches()
     )
+    return write_rows(cfg, plan, encoder, rows, emit)
 
 
 def _dataset(ray, cfg: TagConfig, place: Placement, plan, encoder, prompts, names):
