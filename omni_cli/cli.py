@@ -337,6 +337,7 @@ def vram(
     precision: str = typer.Option("all", help="all, or a comma list of fp32,fp16,bf16,int8,nf4."),
     batch: str = typer.Option("1,16,64,256", help="Batch sizes (images) to estimate, comma list."),
     tiles: str = typer.Option("off", help="off, auto or RxC: views per image as `tag` makes."),
+    tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles, as `tag`."),
     image: str = typer.Option("3840x2160", help="WIDTHxHEIGHT the tiles are counted for."),
     budget: str = typer.Option(None, help="Memory to fit in, e.g. 8GiB (default: free memory)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -355,9 +356,17 @@ def vram(
         if len(size) != 2:
             raise typer.BadParameter("--image must be WIDTHxHEIGHT, e.g. 3840x2160")
         precisions = ALL_PRECISIONS if precision == "all" else tuple(precision.split(","))
-        return VramConfig(model=model, precisions=precisions, batches=batches, tiles=tiles,
-                          image=size, budget=parse_bytes(budget) if budget else None,
-                          device=device, measure=measure)  # fmt: skip
+        return VramConfig(
+            model=model,
+            precisions=precisions,
+            batches=batches,
+            tiles=tiles,
+            tile_overlap=tile_overlap,
+            image=size,
+            budget=parse_bytes(budget) if budget else None,
+            device=device,
+            measure=measure,
+        )
 
     report = _guard(lambda: estimate(_guard(build)))
     if as_json:
