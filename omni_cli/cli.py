@@ -84,7 +84,7 @@ def tag(
     threshold: float = typer.Option(None, help="Keep only top tags with probability >= this."),
     recursive: bool = typer.Option(True, help="Descend into sub-folders."),
     exact: bool = typer.Option(
-        False, help="No JPEG draft decoding: match transformers' preprocessing."
+        False, help="Decode and resize exactly as transformers does (slower; no JPEG draft)."
     ),
     tiles: str = typer.Option("off", help="off, auto or RxC: also score square tiles."),
     tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles (fraction)."),
@@ -296,7 +296,7 @@ def bench(
     synthetic: int = typer.Option(128, help="Synthesise this many JPEGs when no --images."),
     resolution: str = typer.Option("1024x768", help="Synthetic size: 1080p, 4k, 720p or WxH."),
     baseline: bool = typer.Option(False, help="Also time the naive loop (CLIPProcessor, fp32)."),
-    exact: bool = typer.Option(False, help="No JPEG draft decoding (the reference path)."),
+    exact: bool = typer.Option(False, help="Decode and resize as transformers does (slower)."),
     tiles: str = typer.Option("off", help="off, auto or RxC, as `tag --tiles`."),
     tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles."),
     repeat: int = typer.Option(1, help="Rounds; each stage reports its fastest."),

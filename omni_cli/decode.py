@@ -98,7 +98,7 @@ def _load(path: str, spec: Preprocess) -> Decoded:
         for left, top, right, bottom in tiling.whole_boxes(width, height) + grid:
             box = (left * sx, top * sy, right * sx, bottom * sy)
             tile = rgb.resize(
-                (spec.size, spec.size), spec.resample, box=box, reducing_gap=_gap(spec)
+                (spec.size, spec.size), _filter(spec), box=box, reducing_gap=_gap(spec)
             )
             views.append(np.asarray(tile))
     pixels = np.stack(views).transpose(0, 3, 1, 2)  # (views, 3, size, size)
@@ -137,7 +137,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def resize_crop(img: Image.Image, spec: Preprocess) -> np.ndarray:
     """The global view, as CLIPImageProcessor makes it: short side to N (bicubic), centre crop."""
     if spec.shortest_edge is None:
-        out = img.resize((spec.size, spec.size), spec.resample, reducing_gap=_gap(spec))
+        out = img.resize((spec.size, spec.size), _filter(spec), reducing_gap=_gap(spec))
         return np.asarray(out)
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
@@ -151,14 +151,22 @@ def resize_crop(img: Image.Image, spec: Preprocess) -> np.ndarray:
         sx, sy = w / new_w, h / new_h
         box = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
         size = (spec.size, spec.size)
-        return np.asarray(img.resize(size, spec.resample, box=box, reducing_gap=_gap(spec)))
-    out = np.asarray(img.resize((new_w, new_h), spec.resample, reducing_gap=_gap(spec)))
+        return np.asarray(img.resize(size, _filter(spec), box=box, reducing_gap=_gap(spec)))
+    out = np.asarray(img.resize((new_w, new_h), _filter(spec), reducing_gap=_gap(spec)))
     if top < 0 or left < 0:  # a processor whose resize is smaller than its crop: pad like it does
         padded = np.zeros((max(new_h, spec.size), max(new_w, spec.size), 3), np.uint8)
         pt, pl = max(-top, 0), max(-left, 0)
         padded[pt : pt + new_h, pl : pl + new_w] = out
         out, top, left = padded, max(top, 0), max(left, 0)
     return out[top : top + spec.size, left : left + spec.size]
+
+
+def _filter(spec: Preprocess) -> int:
+    # The fast path resamples bilinearly (PIL's filters are antialiased at any scale): 0.8 vs
+    # 1.2 ms per 224 px view on one EPYC core, which lifted `tag` from 83% to 89% of the ViT-B/32
+    # encoder on 2 cores; benchmarks/fidelity.py: still 100% top-1 agreement with the reference,
+    # mean |similarity difference| 1.4e-3 (bicubic: 5.9e-4). --exact keeps the model's filter.
+    return Image.Resampling.BILINEAR if spec.draft else spec.resample
 
 
 def _gap(spec: Preprocess) -> float | None:
