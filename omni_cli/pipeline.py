@@ -161,6 +161,9 @@ def plan_run(
     meta = run_metadata(cfg, encoder, labels=names, prompts=prompts)
     out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
     plan = plan_work(cfg, entries, out_schema)
+    if not entries:
+        where = ", ".join(map(str, cfg.inputs))
+        emit(Progress("note", message=f"no image files found under {where}"))
     if plan.message:
         emit(Progress("note", message=plan.message))
     tagger = Tagger(

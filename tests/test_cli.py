@@ -163,3 +163,15 @@ def test_bad_input_gets_a_message_and_exit_code(
     assert message in result.output
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_empty_folder_says_so_and_writes_an_empty_valid_output(tmp_path, labels_file):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "tags.parquet"
+    result = run(*tag_args(tmp_path / "empty", labels_file, out))
+    assert result.exit_code == 0, result.output
+    assert "no image files found under" in result.output
+    table = pq.read_table(out)
+    assert table.num_rows == 0 and json.loads(table.schema.metadata[b"omni"])["labels"] == list(
+        LABELS
+    )
