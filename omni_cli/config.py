@@ -27,7 +27,6 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "auto"
     batch: int | None = None  # None = auto
-    compile: bool = False
     max_gpu_memory: int | None = None  # bytes on the GPU; the rest of the model goes to the CPU
 
     def __post_init__(self) -> None:

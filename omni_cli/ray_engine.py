@@ -297,5 +297,7 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise UsageError("--engine ray needs Ray: pip install 'omni-cli[ray]'") from None
+        raise UsageError(
+            "--engine ray needs Ray: pip install -e '.[ray]' (the ray extra of omni-cli)"
+        ) from None
     return ray
