@@ -45,6 +45,7 @@ def _main(
     ),
 ) -> None:
     """Batch zero-shot image tagging with CLIP."""
+    _log.json = False  # per invocation: `tag --log-json` turns it on for its own run
 
 
 def _batch(value: str) -> int | None:

@@ -51,15 +51,6 @@ def schema(num_labels: int, *, embeddings: bool, metadata: dict) -> pa.Schema:
     return pa.schema(fields, metadata={META_KEY: json.dumps(metadata, ensure_ascii=False)})
 
 
-def read_metadata(path: Path) -> dict | None:
-    """The `omni` metadata of an output file, or None if it is missing or unreadable."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[META_KEY]) if META_KEY in meta else None
-    except (OSError, ValueError, KeyError, pa.ArrowException):
-        return None
-
-
 def partial_dir(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 

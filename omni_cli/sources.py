@@ -32,10 +32,6 @@ class FileEntry:
     mtime_ns: int = 0
     error: str | None = None
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.root, self.rel)
-
 
 def printable(name: str) -> str:
     """A file name as valid UTF-8: bytes that are not UTF-8 become `\\xNN` escapes."""

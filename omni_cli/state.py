@@ -100,7 +100,7 @@ def plan_work(cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema) -
                 notes.append(f"resuming: {len(resumed):,} rows from an interrupted run")
     if cfg.output.exists() and not cfg.full:
         note, carried = _previous(cfg.output, want, plan, done)
-        notes.append(note)
+        notes += [note] if note else []
         done |= carried
     plan.todo = [e for k, e in keys.items() if k not in done]
     plan.message = "; ".join(notes)
