@@ -28,7 +28,7 @@ import torch
 from omni_cli import decode
 from omni_cli.bench import machine_info
 from omni_cli.config import ModelConfig
-from omni_cli.encoder import load_encoder
+from omni_cli.loading import load_encoder
 from omni_cli.synthetic import LABELS, draw
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-clip"

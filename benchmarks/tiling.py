@@ -27,8 +27,8 @@ from _machine import describe  # noqa: E402
 
 from omni_cli import scoring, synthetic, tiling  # noqa: E402
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig  # noqa: E402
-from omni_cli.encoder import load_encoder  # noqa: E402
 from omni_cli.labels import Label, classifier, prompts_for  # noqa: E402
+from omni_cli.loading import load_encoder  # noqa: E402
 from omni_cli.pipeline import tag  # noqa: E402
 
 MODEL = Path(__file__).parents[1] / "tests" / "fixtures" / "tiny-clip"

@@ -59,9 +59,11 @@ class BenchConfig:
     resolution: str = "1024x768"
     workers: int | None = None  # None = the pipeline's default
     baseline: bool = False
+    baseline_images: int = 256  # the naive loop is slow: it times at most this many images
     exact: bool = False
     tiles: str = "off"  # as `tag --tiles`: the encoder stage then encodes every view
     tile_overlap: float = DecodeConfig.tile_overlap
+    decode: str = "all"  # all | auto | cpu | gpu: which decode modes to time (decode_modes)
     stages: tuple[str, ...] = ("decode", "encoder", "tag")
     repeat: int = 1  # rounds; each stage reports its fastest (a shared machine is noisy)
     seed: int = 0
@@ -76,6 +78,9 @@ class BenchConfig:
             raise UsageError("--workers must be >= 0")
         if self.repeat < 1:
             raise UsageError("--repeat must be >= 1")
+        if self.decode not in ("all", "auto", "cpu", "gpu"):
+            raise UsageError(f"--decode must be all, auto, cpu or gpu, not '{self.decode}'")
+        DecodeConfig(tiles=self.tiles, tile_overlap=self.tile_overlap)  # the same checks as tag
         unknown = set(self.stages) - {"decode", "encoder", "tag"}
         if unknown:
             raise UsageError(f"unknown bench stages: {', '.join(sorted(unknown))}")
@@ -83,15 +88,18 @@ class BenchConfig:
 
 @dataclass
 class StageResult:
-    name: str  # decode | encoder | tag | baseline
+    name: str  # decode:MODE | encoder | tag:MODE | baseline (MODE: cpu, gpu or hybrid)
     description: str
     images: int
     seconds: float
     peak_memory: int  # bytes: CUDA allocator peak, or RSS of this process plus workers
     precision: str = ""
-    batch: int = 0
+    batch: int = 0  # views per forward
     workers: int | None = None
     share: float | None = None  # of the encoder-only ceiling
+    peak_host: int = 0  # bytes: RSS of this process plus workers, on any device
+    decode: str | None = None  # where JPEGs were decoded: cpu, gpu or hybrid
+    cpu_share: float | None = None  # hybrid: the share of batches CPU workers decoded at the end
 
     @property
     def images_per_second(self) -> float:
@@ -112,6 +120,9 @@ class BenchReport:
     memory_kind: str  # "cuda allocator peak" | "cpu rss (process + workers)"
 
     def stage(self, name: str) -> StageResult | None:
+        """A stage by name; `decode` and `tag` alone mean the mode `omni tag` uses by default."""
+        if name in ("decode", "tag") and self.settings.get("decode"):
+            name = f"{name}:{self.settings['decode']}"
         return next((s for s in self.stages if s.name == name), None)
 
     def to_dict(self) -> dict:
@@ -167,29 +178,33 @@ def synthesise(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> li
 
 
 class PeakMemory:
-    """Peak memory over a `with` block: CUDA allocator peak, else sampled RSS (+ children)."""
+    """Peaks over a `with` block: host RSS of this process plus its children (sampled every
+    few milliseconds) and, on CUDA, the allocator's peak on the device."""
 
     def __init__(self, device: torch.device, interval: float = 0.01):
-        self.device, self.interval, self.peak = device, interval, 0
+        self.device, self.interval = device, interval
+        self.host = self.device_peak = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def peak(self) -> int:
+        """The figure a stage reports: device memory on CUDA, host memory elsewhere."""
+        return self.device_peak if self.device.type == "cuda" else self.host
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
+            self.device_peak = torch.cuda.max_memory_allocated(self.device)
+        self._stop.set()
+        self._thread.join()
 
     def _sample(self) -> None:
         import psutil
@@ -200,7 +215,7 @@ class PeakMemory:
             for child in me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):  # a worker that just exited
                     total += child.memory_info().rss
-            self.peak = max(self.peak, total)
+            self.host = max(self.host, total)
             if self._stop.wait(self.interval):
                 return
 
@@ -219,9 +234,20 @@ def run_bench(cfg: BenchConfig, on_note: Callable[[str], None] | None = None) ->
         return _run(cfg, folder, tmpdir, note)
 
 
+def decode_modes(decode: str, device: torch.device, exact: bool) -> list[str]:
+    """The decode modes to time: `all` on a CUDA machine with nvJPEG is cpu, gpu and hybrid."""
+    if exact or device.type != "cuda":
+        return ["cpu"]
+    if decode == "all":
+        from .devdecode import nvjpeg_decoder
+
+        return ["cpu", "gpu", "hybrid"] if nvjpeg_decoder() else ["cpu"]
+    return [{"auto": "hybrid"}.get(decode, decode)]
+
+
 def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
-    from .encoder import load_encoder
     from .loader import default_workers
+    from .loading import load_encoder
     from .sources import discover
 
     entries = [e for e in discover([folder]) if not e.error]
@@ -229,29 +255,31 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
         raise UsageError(f"no images found under {folder}")
     stages: dict[str, StageResult] = {}
     device = precision = batch = workers = None
+    modes: list[str] = []
     for round_ in range(cfg.repeat):  # rounds interleave the stages; each keeps its best
         note(f"round {round_ + 1} of {cfg.repeat}: loading {cfg.model.model}")
         encoder = load_encoder(cfg.model, exact=cfg.exact)
         device, precision, batch = encoder.device, encoder.precision, encoder.batch
         workers = default_workers(device.type) if cfg.workers is None else cfg.workers
+        modes = decode_modes(cfg.decode, device, cfg.exact)
+        spec = dataclasses.replace(encoder.preprocess, tiles=cfg.tiles,
+                                   tile_overlap=cfg.tile_overlap)  # fmt: skip
         found: list[StageResult] = []
-        if "decode" in cfg.stages or "encoder" in cfg.stages:
-            note(f"decode-only: {len(entries)} images, {workers} workers")
-            spec = dataclasses.replace(
-                encoder.preprocess, tiles=cfg.tiles, tile_overlap=cfg.tile_overlap
-            )
-            stage, pool, views = _decode_stage(entries, spec, batch, workers, device)
+        pool, views = [], 1.0
+        for mode in modes if "decode" in cfg.stages or "encoder" in cfg.stages else []:
+            note(f"decode only ({mode}): {len(entries)} images, {workers} workers")
+            stage, got, views = _decode_stage(entries, spec, encoder, workers, mode)
+            pool = pool or got
             if "decode" in cfg.stages:
                 found.append(stage)
-            if "encoder" in cfg.stages:
-                note(f"encoder-only: {len(entries)} images at {precision}, batch {batch}")
-                found.append(_encoder_stage(encoder, pool, len(entries), views))
-            del pool
-        del encoder
+        if "encoder" in cfg.stages:
+            note(f"encoder only: {len(entries)} images at {precision}, {batch} views per forward")
+            found.append(_encoder_stage(encoder, pool, len(entries), views))
+        del pool, encoder
         _release(device)
-        if "tag" in cfg.stages:
-            note("end-to-end: omni tag")
-            found.append(_tag_stage(cfg, folder, tmpdir, workers, device))
+        for mode in modes if "tag" in cfg.stages else []:
+            note(f"end to end ({mode}): omni tag")
+            found.append(_tag_stage(cfg, folder, tmpdir, workers, device, mode))
         for st in found:
             if st.name not in stages or st.seconds < stages[st.name].seconds:
                 stages[st.name] = st
@@ -272,6 +300,8 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
         "images": len(entries),
         "source": str(cfg.images) if cfg.images else f"synthetic {cfg.resolution} JPEG",
         "preprocess": "exact" if cfg.exact else "draft",
+        "tiles": cfg.tiles,
+        "decode": modes[-1] if modes else None,  # what `omni tag` uses by default
         "repeat": cfg.repeat,
     }
     kind = "cuda allocator peak" if device.type == "cuda" else "cpu rss (process + workers)"
@@ -284,25 +314,43 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _decode_stage(entries, spec, batch, workers, device):
-    """The loader alone; keeps up to ENCODER_POOL decoded images for the encoder stage."""
-    from .loader import make_loader
+def _decode_stage(entries, spec, encoder, workers, mode):
+    """The loader and feeder alone, as `tag` builds them for `mode`; no encoder.
 
+    Returns the stage, up to ENCODER_POOL views for the encoder stage, and views per image.
+    """
+    from .feed import Feeder, choose_decoder
+    from .loader import files_per_batch, make_loader
+
+    device = encoder.device
+    decoder, split, adapt = choose_decoder(_DECODER[mode], device, False)
+    files = files_per_batch(encoder.batch, spec, workers)
     pool, kept, count, views = [], 0, 0, 0
     with PeakMemory(device) as mem:
         started = time.perf_counter()
-        loader = make_loader(entries, spec, batch=batch, workers=workers,
-                             pin=device.type == "cuda")  # fmt: skip
-        for b in loader:
-            count += len(b.ok)
-            views += len(b.pixels)
-            if kept < ENCODER_POOL and len(b.pixels):
-                pool.append(b.pixels)
-                kept += len(b.pixels)
+        loader = make_loader(entries, spec, files=files, workers=workers,
+                             pin=device.type == "cuda", split=split)  # fmt: skip
+        feeder = Feeder(loader, spec, device, encoder.batch, decoder=decoder, split=split,
+                        adapt=adapt)  # fmt: skip
+        for fed in feeder:
+            count += sum(item.error is None for item in fed.items)
+            views += len(fed.pixels)
+            if kept < ENCODER_POOL and len(fed.pixels):
+                pool.append(fed.pixels[: ENCODER_POOL - kept])
+                kept += len(pool[-1])
+        _sync(device)
         seconds = time.perf_counter() - started
-    stage = StageResult("decode", "decode only", count, seconds,
-                        mem.peak, batch=batch, workers=workers)  # fmt: skip
+    stage = StageResult(f"decode:{mode}", f"decode only ({mode})", count, seconds, mem.peak,
+                        batch=encoder.batch, workers=workers, peak_host=mem.host,
+                        decode=mode, cpu_share=_share(feeder))  # fmt: skip
     return stage, pool, views / max(count, 1)
+
+
+_DECODER = {"cpu": "cpu", "gpu": "gpu", "hybrid": "auto"}
+
+
+def _share(feeder) -> float | None:
+    return round(feeder.control.split.share, 3) if feeder.control is not None else None
 
 
 def _encoder_stage(encoder, pool: list[torch.Tensor], n: int, views: float) -> StageResult:
@@ -326,10 +374,11 @@ def _encoder_stage(encoder, pool: list[torch.Tensor], n: int, views: float) -> S
         _sync(device)
         seconds = time.perf_counter() - started
     precision, batch = encoder.precision, encoder.batch
-    return StageResult("encoder", "encoder only", n, seconds, mem.peak, precision, batch)
+    return StageResult("encoder", "encoder only", n, seconds, mem.peak, precision, batch,
+                       peak_host=mem.host)  # fmt: skip
 
 
-def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device) -> StageResult:
+def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device, mode: str):
     """`omni tag` through the public pipeline, to a temporary Parquet file."""
     from .pipeline import tag
     from .synthetic import LABELS
@@ -337,16 +386,17 @@ def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device) ->
     labels = tmpdir / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
     out = tmpdir / "bench.parquet"
+    decode = DecodeConfig(decoder=_DECODER[mode], exact=cfg.exact, tiles=cfg.tiles,
+                          tile_overlap=cfg.tile_overlap)  # fmt: skip
     tag_cfg = TagConfig(inputs=(folder,), labels_file=labels, output=out, model=cfg.model,
-                        decode=DecodeConfig(exact=cfg.exact, tiles=cfg.tiles,
-                                            tile_overlap=cfg.tile_overlap), workers=workers,
-                        resume=False, full=True)  # fmt: skip
+                        decode=decode, workers=workers, resume=False, full=True)  # fmt: skip
     with PeakMemory(device) as mem:
         result = tag(tag_cfg)
     out.unlink(missing_ok=True)
     _release(device)
-    return StageResult("tag", "end to end (tag)", result.tagged, result.seconds,
-                       mem.peak, result.precision, result.batch, workers)  # fmt: skip
+    return StageResult(f"tag:{mode}", f"end to end, tag ({mode})", result.tagged, result.seconds,
+                       mem.peak, result.precision, result.batch, workers, peak_host=mem.host,
+                       decode=mode, cpu_share=result.cpu_share)  # fmt: skip
 
 
 def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
@@ -357,7 +407,7 @@ def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
 
     model, processor, tokenizer = _naive_model(cfg.model.model, device)
     texts = [f"a photo of a {label}." for label in LABELS]
-    paths = [e.path for e in entries]
+    paths = [e.path for e in entries[: cfg.baseline_images]]
 
     def step(batch_paths):
         images = [Image.open(p).convert("RGB") for p in batch_paths]
@@ -387,16 +437,21 @@ def _naive_model(model_id: str, device: torch.device):
     from transformers import AutoTokenizer, CLIPModel
 
     from . import archs
-    from .encoder import _check_source, _quiet
+    from .hub import resolve
+    from .loading import quiet
 
     pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     if archs.is_random(model_id):  # no processor exists for these: the defaults are CLIP's own
-        model = archs.build(model_id, torch.float32).eval().to(device)
+        model = archs.build(model_id, torch.float32, device).eval()
         return model, pil(), archs.ByteTokenizer()
-    source = _check_source(model_id)
-    with _quiet():
-        model = CLIPModel.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-        processor, tokenizer = pil.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    source = resolve(model_id)
+    with quiet():
+        kwargs = {"local_files_only": source.local_only}
+        model = CLIPModel.from_pretrained(
+            source.name, dtype=torch.float32, use_safetensors=True, **kwargs
+        )
+        processor = pil.from_pretrained(source.name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.name, **kwargs)
     return model.eval().to(device), processor, tokenizer
 
 
@@ -412,19 +467,30 @@ def render(report: BenchReport, console) -> None:
     s = report.settings
     title = f"omni bench: {s['model']} on {s['device']}, {s['images']} images ({s['source']})"
     table = Table(title=title, title_justify="left")
-    for col in ("stage", "images/s", "of encoder", "peak memory", "precision", "batch", "workers"):
+    cuda = report.memory_kind.startswith("cuda")
+    columns = ["stage", "images/s", "of encoder", "GPU peak" if cuda else "peak memory"]
+    columns += ["host peak"] if cuda else []
+    columns += ["precision", "views/forward", "workers"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "stage" else "right")
     for st in report.stages:
         share = f"{st.share:.0%}" if st.share is not None else "-"
-        table.add_row(st.description, f"{st.images_per_second:,.1f}", share,
-                      _gib(st.peak_memory), st.precision or "-", str(st.batch or "-"),
-                      "-" if st.workers is None else str(st.workers))  # fmt: skip
+        mode = f" cpu share {st.cpu_share:.2f}" if st.cpu_share is not None else ""
+        cells = [st.description + mode, f"{st.images_per_second:,.1f}", share, _gib(st.peak_memory)]
+        cells += [_gib(st.peak_host)] if cuda else []
+        cells += [st.precision or "-", str(st.batch or "-"),
+                  "-" if st.workers is None else str(st.workers)]  # fmt: skip
+        table.add_row(*cells)
     console.print(table)
-    console.print(
-        "decode only: the DataLoader alone, uint8 batches; encoder only: uint8 tensors already "
-        "on the device through Encoder.encode_images (the ceiling); end to end: omni tag to "
-        "Parquet; naive loop: CLIPProcessor per batch of 8 + full forward with texts, fp32."
-    )
+    names = {st.name.split(":")[0] for st in report.stages}
+    meaning = {
+        "decode": "decode only: loader and feeder alone, views on the device (cpu: PIL in "
+        "workers; gpu: nvJPEG; hybrid: both, the CPU share tuned as it runs)",
+        "encoder": "encoder only: uint8 views already on the device (the ceiling)",
+        "tag": "end to end: omni tag to Parquet",
+        "baseline": "naive loop: CLIPProcessor per batch of 8 + full forward with texts, fp32",
+    }
+    console.print("; ".join(text for key, text in meaning.items() if key in names) + ".")
     m = report.machine
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     console.print(f"machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']})"

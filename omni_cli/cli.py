@@ -89,6 +89,7 @@ def tag(
     ),
     tiles: str = typer.Option("off", help="off, auto or RxC: also score square tiles."),
     tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles (fraction)."),
+    decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto, cpu or gpu."),
     max_pixels: int = typer.Option(DecodeConfig.max_pixels, help="Refuse larger images."),
     save_embeddings: bool = typer.Option(False, help="Store every view's embedding (float16)."),
     resume: bool = typer.Option(True, help="Pick up rows flushed by an interrupted run."),
@@ -135,7 +136,11 @@ def tag(
                 max_gpu_memory=_bytes(max_gpu_memory, "--max-gpu-memory"),
             ),
             decode=DecodeConfig(
-                exact=exact, tiles=tiles, tile_overlap=tile_overlap, max_pixels=max_pixels
+                decoder=decode,
+                exact=exact,
+                tiles=tiles,
+                tile_overlap=tile_overlap,
+                max_pixels=max_pixels,
             ),
             workers=workers,
             template=template,
@@ -300,6 +305,7 @@ def bench(
     exact: bool = typer.Option(False, help="Decode and resize as transformers does (slower)."),
     tiles: str = typer.Option("off", help="off, auto or RxC, as `tag --tiles`."),
     tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles."),
+    decode: str = typer.Option("all", help="Decode modes to time: all, auto, cpu or gpu."),
     repeat: int = typer.Option(1, help="Rounds; each stage reports its fastest."),
     json_file: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
@@ -322,6 +328,7 @@ def bench(
             exact=exact,
             tiles=tiles,
             tile_overlap=tile_overlap,
+            decode=decode,
             repeat=repeat,
         )
 

@@ -14,6 +14,7 @@ from .errors import UsageError
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4")
+DECODERS = ("auto", "cpu", "gpu")
 DEFAULT_MAX_PIXELS = 200_000_000
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TILES = re.compile(r"^(off|auto|\d+x\d+)$")
@@ -21,12 +22,12 @@ _TILES = re.compile(r"^(off|auto|\d+x\d+)$")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model, on which device, at which precision, in batches of how many views."""
+    """Which model, on which device, at which precision, and how many views per forward."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"
     precision: str = "auto"
-    batch: int | None = None  # None = auto
+    batch: int | None = None  # views per encoder forward; None = auto
     max_gpu_memory: int | None = None  # bytes on the GPU; the rest of the model goes to the CPU
 
     def __post_init__(self) -> None:
@@ -42,14 +43,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How files become pixels: draft decoding, tiling and the pixel cap."""
+    """How files become pixels: where JPEGs are decoded, draft decoding, tiling, the pixel cap."""
 
+    decoder: str = "auto"  # auto | cpu | gpu: where JPEGs are decoded (feed.choose_decoder)
     exact: bool = False  # no JPEG draft decoding: matches the reference preprocessing
     tiles: str = "off"  # off | auto | RxC
     tile_overlap: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise UsageError(f"--decode must be auto, cpu or gpu, not '{self.decoder}'")
+        if self.exact and self.decoder == "gpu":
+            raise UsageError(
+                "--exact decodes on the CPU, as transformers does: not with --decode gpu"
+            )
         if not _TILES.match(self.tiles):
             raise UsageError(f"--tiles must be off, auto or RxC (e.g. 3x4), not '{self.tiles}'")
         if self.tiles not in ("off", "auto"):

@@ -24,9 +24,12 @@ import torch
 from . import __version__, scoring
 from .config import TagConfig
 from .decode import Preprocess
-from .encoder import Encoder, load_encoder
+from .devdecode import JpegDecoder
+from .encoder import Encoder
+from .feed import Feeder, choose_decoder
 from .labels import Label, cached_classifier, prompts_for, read_labels
-from .loader import default_workers, make_loader
+from .loader import default_workers, files_per_batch, make_loader
+from .loading import load_encoder
 from .lock import OutputLock
 from .rows import Tagger
 from .sink import Sink, check_writable, schema
@@ -54,7 +57,9 @@ class TagResult:
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (root, path, reason)
     seconds: float = 0.0
     precision: str = ""
-    batch: int = 0
+    batch: int = 0  # views per forward
+    device_decoded: int = 0  # files whose JPEG the device decoded
+    cpu_share: float | None = None  # final share of batches the CPU workers decoded (hybrid)
 
     @property
     def exit_code(self) -> int:
@@ -65,8 +70,16 @@ class TagResult:
         return self.tagged / self.seconds if self.seconds > 0 else 0.0
 
 
-def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -> TagResult:
-    """Run one `omni tag` job as configured; raise an OmniError for anything fatal."""
+def tag(
+    cfg: TagConfig,
+    on_progress: Callable[[Progress], None] | None = None,
+    *,
+    jpeg_decoder: JpegDecoder | None = None,
+) -> TagResult:
+    """Run one `omni tag` job as configured; raise an OmniError for anything fatal.
+
+    `jpeg_decoder` replaces the device JPEG decoder (see devdecode.JpegDecoder), on any device.
+    """
     emit = on_progress or (lambda event: None)
     labels, prompts = prepare(cfg)
     with OutputLock(cfg.output):
@@ -75,14 +88,22 @@ def tag(cfg: TagConfig, on_progress: Callable[[Progress], None] | None = None) -
         emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
         encoder, classifier = load_model(cfg, prompts, emit)
         plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
-        loader = make_loader(
-            plan.todo,
-            decode_spec(cfg, encoder),
-            batch=encoder.batch,
-            workers=default_workers(encoder.device.type) if cfg.workers is None else cfg.workers,
-            pin=encoder.device.type == "cuda",
-        )
-        return write_rows(cfg, plan, encoder, (tagger.rows(b) for b in loader), emit)
+        feeder = make_feeder(cfg, encoder, plan.todo, jpeg_decoder)
+        return write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder)
+
+
+def make_feeder(
+    cfg: TagConfig, encoder: Encoder, todo: list[FileEntry], jpeg_decoder=None
+) -> Feeder:
+    """Loader and feeder for the files to tag: workers, files per batch, where JPEGs decode."""
+    spec = decode_spec(cfg, encoder)
+    device = encoder.device
+    decoder, split, adapt = choose_decoder(cfg.decode.decoder, device, cfg.decode.exact,
+                                           jpeg_decoder)  # fmt: skip
+    workers = default_workers(device.type) if cfg.workers is None else cfg.workers
+    loader = make_loader(todo, spec, files=files_per_batch(encoder.batch, spec, workers),
+                         workers=workers, pin=device.type == "cuda", split=split)  # fmt: skip
+    return Feeder(loader, spec, device, encoder.batch, decoder=decoder, split=split, adapt=adapt)
 
 
 def write_rows(
@@ -91,6 +112,7 @@ def write_rows(
     encoder: Encoder,
     rows: Iterable[pa.RecordBatch],
     emit: Callable[[Progress], None],
+    feeder: Feeder | None = None,
 ) -> TagResult:
     """Stream an engine's output rows into the sink, then finish the output atomically.
 
@@ -124,6 +146,8 @@ def write_rows(
         seconds,
         encoder.precision,
         encoder.batch,
+        feeder.device_decoded if feeder else 0,
+        feeder.control.split.share if feeder and feeder.control else None,
     )
 
 

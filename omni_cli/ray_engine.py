@@ -31,6 +31,7 @@ import pyarrow as pa
 from .config import TagConfig
 from .decode import Decoded, Preprocess
 from .errors import OmniError, UsageError
+from .feed import Fed
 from .loader import ImageDataset, collate
 from .lock import OutputLock
 from .pipeline import (
@@ -203,7 +204,9 @@ class EncodeActor:
             pixels = np.frombuffer(row["pixels"], np.uint8)
             pixels = pixels.reshape(row["views"], 3, self.side, self.side)  # (views, 3, H, W)
             items.append((entry, Decoded(pixels, row["width"], row["height"])))
-        return pa.Table.from_batches([self.tagger.rows(collate(items))])
+        batch = collate(items)
+        fed = Fed(batch.items, batch.pixels.to(self.tagger.encoder.device))
+        return pa.Table.from_batches([self.tagger.rows(fed)])
 
 
 def _describe(cfg: TagConfig, prompts):

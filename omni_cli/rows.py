@@ -1,13 +1,23 @@
-"""Rows: from a decoded batch, or from rows of a previous output, to output record batches.
+"""Rows: from fed views, or from rows of a previous output, to output record batches.
 
-`Tagger.rows` encodes a batch's views, scores them against the label classifier, combines the
-views of tiled images and picks the top tags; files that failed to decode get `error` rows in
-the same batch. `Tagger.rescore` gives rows carried over from a previous output the scores this
-run would give them: from their stored embeddings when the labels changed, else from their
-stored probabilities (so a new --top-k or --threshold applies to every row).
+`Tagger.stream` encodes views in forwards of exactly the encoder's batch (a file's views may
+span two forwards), scores every file whose views are all encoded, combines the views of tiled
+images and picks the top tags; files that failed to decode get `error` rows. On CUDA nothing
+waits for the device per image or per forward: scores travel back to pinned memory
+asynchronously, and a group's rows are built while the device runs the next forward.
+`Tagger.rescore` gives rows carried over from a previous output the scores this run would give
+them: from their stored embeddings when the labels changed, else from their stored similarity.
+
+Error rows hold a list of nulls in `similarity` and `probs` rather than a null list: a null
+slot of a fixed-size list does not survive a Parquet round trip in pyarrow before 26
+(apache/arrow#35692), and a list of nulls reads the same in every reader.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -15,24 +25,107 @@ import torch
 
 from . import scoring, tiling
 from .encoder import Encoder
-from .loader import Batch
+from .feed import Fed
+from .loader import Item
+
+
+class _ViewQueue:
+    """Files in order, their views not yet encoded, and embeddings of files not yet complete."""
+
+    def __init__(self):
+        self.items: deque[Item] = deque()
+        self.views: deque[torch.Tensor] = deque()
+        self.queued = 0  # views waiting in self.views
+        self.embedded: list[torch.Tensor] = []
+        self.done = 0  # embedded views of the files in self.items
+
+    def push(self, fed: Fed) -> None:
+        self.items.extend(fed.items)
+        if len(fed.pixels):
+            self.views.append(fed.pixels)
+            self.queued += len(fed.pixels)
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next `n` views (fewer at the end), splitting a tensor where needed."""
+        parts, need = [], n
+        while need and self.views:
+            head = self.views.popleft()
+            if len(head) > need:
+                self.views.appendleft(head[need:])
+                head = head[:need]
+            parts.append(head)
+            need -= len(head)
+        self.queued -= n - need
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def add(self, embeddings: torch.Tensor) -> None:
+        self.embedded.append(embeddings)
+        self.done += len(embeddings)
+
+    def complete(self) -> tuple[list[Item], torch.Tensor | None]:
+        """The leading files whose views are all encoded, and their embeddings."""
+        items, used = [], 0
+        while self.items and used + self.items[0].views <= self.done:
+            item = self.items.popleft()
+            used += item.views
+            items.append(item)
+        if not used:
+            return items, None
+        emb = self.embedded[0] if len(self.embedded) == 1 else torch.cat(self.embedded)
+        rest = emb[used:]
+        self.embedded, self.done = ([rest] if len(rest) else []), len(rest)
+        return items, emb[:used]
+
+
+@dataclass
+class _Scored:
+    """A group's scores on their way to the host; `event` says when they have arrived."""
+
+    items: list[Item]
+    ok: list[int]  # positions in items that have views
+    sim: torch.Tensor | None  # (ok, labels)
+    probs: torch.Tensor | None
+    emb: torch.Tensor | None  # (views, dim) float16, with --save-embeddings
+    event: object = None
 
 
 class Tagger:
     def __init__(self, encoder: Encoder, classifier: torch.Tensor, labels: list[str],
                  schema: pa.Schema, *, top_k: int, threshold: float | None):  # fmt: skip
-        self.encoder, self.classifier, self.labels, self.schema = (
-            encoder,
-            classifier,
-            labels,
-            schema,
-        )
+        self.encoder, self.classifier = encoder, classifier
+        self.labels, self.schema = labels, schema
         self.top_k, self.threshold = top_k, threshold
         self.embeddings = "embedding" in schema.names
 
+    def stream(self, groups: Iterable[Fed]) -> Iterator[pa.RecordBatch]:
+        """Rows for every file of every group, in order, one record batch per scored group."""
+        queue, pending = _ViewQueue(), deque()
+        for fed in groups:
+            queue.push(fed)
+            while queue.queued >= self.encoder.batch:
+                queue.add(self.encoder.encode_images(queue.take(self.encoder.batch)))
+                scored = self._score(*queue.complete())
+                if scored.items:
+                    pending.append(scored)
+                while len(pending) > 1:  # the newest is still on the device: build the others
+                    yield self._build(pending.popleft())
+            if queue.items and queue.items[0].views == 0:  # leading error rows: no views to wait
+                pending.append(self._score(*queue.complete()))
+        while queue.queued:
+            queue.add(self.encoder.encode_images(queue.take(self.encoder.batch)))
+        pending.append(self._score(*queue.complete()))
+        for scored in pending:
+            if scored.items:
+                yield self._build(scored)
+
+    def rows(self, fed: Fed) -> pa.RecordBatch:
+        """One group's rows, as one record batch (for engines that bring their own batches)."""
+        batches = list(self.stream([fed]))
+        return batches[0] if len(batches) == 1 else _concat(batches, self.schema)
+
     def score(
         self, emb: torch.Tensor, views: list[int], sizes: list[tuple[int, int]]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(total views, dim) embeddings -> (images, labels) similarity and probabilities."""
         enc = self.encoder
         whole = [
@@ -41,47 +134,60 @@ class Tagger:
         ]
         sim_views = scoring.similarity(emb, self.classifier)  # (views, labels)
         sim = scoring.combine_views(sim_views, views, whole, enc.logit_scale, enc.logit_bias)
-        probs = scoring.probabilities(sim, enc.logit_scale, enc.logit_bias)
-        return sim.float().cpu().numpy(), probs.float().cpu().numpy()
+        return sim, scoring.probabilities(sim, enc.logit_scale, enc.logit_bias)
 
-    def rows(self, batch: Batch) -> pa.RecordBatch:
-        n, n_labels = len(batch.entries), len(self.labels)
-        sim = np.zeros((n, n_labels), np.float32)
-        probs = np.zeros((n, n_labels), np.float32)
-        emb = None
-        if batch.ok:
-            emb = self.encoder.encode_images(batch.pixels)  # (views, dim)
-            sim[batch.ok], probs[batch.ok] = self.score(emb, batch.views, batch.sizes)
-        width, height, views = [None] * n, [None] * n, [None] * n
-        for j, pos in enumerate(batch.ok):
-            width[pos], height[pos] = batch.sizes[j]
-            views[pos] = batch.views[j]
-        entries = batch.entries
-        columns = {
-            "root": [e.root for e in entries],
-            "path": [e.rel for e in entries],
-            "status": ["error" if i in batch.errors else "ok" for i in range(n)],
-            "error": [batch.errors.get(i) for i in range(n)],
-            "bytes": [e.bytes for e in entries],
-            "mtime_ns": [e.mtime_ns for e in entries],
-            "width": width,
-            "height": height,
-            "views": views,
-        }
+    def _score(self, items: list[Item], emb: torch.Tensor | None) -> _Scored:
+        """Launch a group's scoring on the device and the copy of its results to the host."""
+        ok = [i for i, item in enumerate(items) if item.error is None]
+        if emb is None or not ok:
+            return _Scored(items, [], None, None, None)
+        views = [items[i].views for i in ok]
+        sizes = [(items[i].width, items[i].height) for i in ok]
+        sim, probs = self.score(emb, views, sizes)
+        saved = emb.half() if self.embeddings else None
+        scored = _Scored(items, ok, _to_host(sim), _to_host(probs), _to_host(saved))
+        if emb.device.type == "cuda":
+            scored.event = torch.cuda.Event()
+            scored.event.record()
+        return scored
+
+    def _build(self, scored: _Scored) -> pa.RecordBatch:
+        if scored.event is not None:
+            scored.event.synchronize()
+        items, n = scored.items, len(scored.items)
         valid = np.zeros(n, bool)
-        valid[batch.ok] = True
+        valid[scored.ok] = True
+        sim = np.zeros((n, len(self.labels)), np.float32)
+        probs = np.zeros_like(sim)
+        if scored.ok:
+            sim[scored.ok] = scored.sim.float().numpy()
+            probs[scored.ok] = scored.probs.float().numpy()
+        columns = {
+            "root": [it.entry.root for it in items],
+            "path": [it.entry.rel for it in items],
+            "status": ["ok" if ok else "error" for ok in valid],
+            "error": [it.error for it in items],
+            "bytes": [it.entry.bytes for it in items],
+            "mtime_ns": [it.entry.mtime_ns for it in items],
+            "width": [it.width if ok else None for it, ok in zip(items, valid, strict=True)],
+            "height": [it.height if ok else None for it, ok in zip(items, valid, strict=True)],
+            "views": [it.views if ok else None for it, ok in zip(items, valid, strict=True)],
+        }
         if self.embeddings:
-            columns["embedding"] = _per_image(emb, batch, n)
+            views = np.array([it.views if ok else 0 for it, ok in zip(items, valid, strict=True)])
+            flat = scored.emb.numpy().reshape(-1) if scored.ok else np.empty(0, np.float16)
+            columns["embedding"] = _lists(flat, views * self.classifier.shape[0], valid)
         return self._finish(columns, sim, probs, valid)
 
     def rescore(self, rows: pa.RecordBatch, *, relabel: bool) -> pa.RecordBatch:
         """Carried `ok` rows in this run's schema, with this run's scores and top tags."""
         views = rows["views"].to_numpy().astype(int).tolist()
         if relabel:
-            flat = np.concatenate(rows["embedding"].to_numpy(zero_copy_only=False))
-            emb = torch.from_numpy(flat.astype(np.float32)).view(sum(views), -1)
+            flat = rows["embedding"].flatten().to_numpy().astype(np.float32)
+            emb = torch.from_numpy(flat).view(sum(views), -1).to(self.encoder.device)
             sizes = list(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
-            sim, probs = self.score(emb.to(self.encoder.device), views, sizes)
+            sim, probs = self.score(emb, views, sizes)
+            sim, probs = sim.float().cpu().numpy(), probs.float().cpu().numpy()
         else:
             sim, probs = _matrix(rows["similarity"]), _matrix(rows["probs"])
         names = ["root", "path", "status", "error", "bytes", "mtime_ns", "width", "height", "views"]
@@ -107,10 +213,29 @@ class Tagger:
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A device tensor copied to pinned host memory without waiting; host tensors as they are."""
+    if t is None or t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
 def _fixed(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """(rows, labels) float32 -> fixed_size_list<float32>[labels], null where not valid."""
-    flat = pa.array(values.reshape(-1), type=pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~valid))
+    """(rows, labels) float32 -> fixed_size_list<float32>[labels]; invalid rows hold nulls."""
+    width = values.shape[1]
+    mask = np.repeat(~valid, width) if not valid.all() else None
+    flat = pa.array(values.reshape(-1), type=pa.float32(), mask=mask)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def _lists(flat: np.ndarray, lengths: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """Concatenated values and per-row lengths -> list<float16>, null where not valid."""
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    mask = pa.array(~valid) if not valid.all() else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float16()), mask=mask)
 
 
 def _matrix(column: pa.Array) -> np.ndarray:
@@ -118,15 +243,6 @@ def _matrix(column: pa.Array) -> np.ndarray:
     return column.flatten().to_numpy().reshape(len(column), -1).astype(np.float32)
 
 
-def _per_image(emb: torch.Tensor | None, batch: Batch, n: int) -> list:
-    """Every view's embedding of each image, flattened (views x dim), as float16."""
-    out: list = [None] * n
-    if emb is None:
-        return out
-    views = emb.half().cpu().numpy()
-    start = 0
-    for j, pos in enumerate(batch.ok):
-        count = batch.views[j]
-        out[pos] = views[start : start + count].reshape(-1)
-        start += count
-    return out
+def _concat(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
+    table = pa.Table.from_batches(batches, schema=schema).combine_chunks()
+    return table.to_batches()[0] if table.num_rows else schema.empty_table().to_batches()[0]

@@ -167,10 +167,13 @@ def model_config(model: str):
         return archs.config_for(model)
     from transformers import AutoConfig
 
-    from .encoder import _check_source
+    from .hub import resolve
 
     try:
-        return AutoConfig.from_pretrained(_check_source(model), trust_remote_code=False)
+        source = resolve(model)
+        return AutoConfig.from_pretrained(
+            source.name, trust_remote_code=False, local_files_only=source.local_only
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config of {model}: {str(exc).splitlines()[0]}") from None
 
@@ -209,7 +212,7 @@ def weight_bytes(model: torch.nn.Module, precision: str, device: torch.device) -
     byte each plus an fp32 absmax per 64 weights and a 16-entry fp32 code book. Layers that
     transformers leaves unquantised (the last one, tied weights) stay in the compute dtype.
     """
-    from .encoder import compute_dtype
+    from .precision import compute_dtype
 
     dtype_size = torch.empty(0, dtype=compute_dtype(precision, device)).element_size()
     quantised = set()
@@ -262,7 +265,7 @@ def activation_bytes(vision, precision: str, device: torch.device) -> int:
     CUDA the uint8 input is copied to the device (3 S^2); on the CPU it is the caller's memory.
     int8 adds an int8 copy of each Linear input (T x max(D, I) bytes).
     """
-    from .encoder import compute_dtype
+    from .precision import compute_dtype
 
     e = torch.empty(0, dtype=compute_dtype(precision, device)).element_size()
     side, patch = vision.image_size, vision.patch_size
@@ -281,7 +284,7 @@ def activation_bytes(vision, precision: str, device: torch.device) -> int:
 
 
 def _measure_row(cfg: VramConfig, precision: str, device: torch.device, views: int, note: str):
-    from .encoder import resolve_precision
+    from .precision import resolve_precision
 
     try:
         resolve_precision(precision, device)
@@ -311,7 +314,7 @@ def measure_peak(model: str, precision: str, device: torch.device, views: int) -
 
 def _load(model: str, precision: str, device: str):
     from .config import ModelConfig
-    from .encoder import load_encoder
+    from .loading import load_encoder
 
     return load_encoder(ModelConfig(model=model, device=device, precision=precision, batch=1 << 20))
 
@@ -324,7 +327,7 @@ def _cuda_probe(model: str, precision: str, device: torch.device, views: int) ->
     side = enc.preprocess.size
     pixels = torch.zeros(views, 3, side, side, dtype=torch.uint8)
     with torch.inference_mode():
-        enc._forward(pixels)
+        enc.forward(pixels)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del enc
@@ -349,13 +352,13 @@ def _cpu_probe(model: str, precision: str, views: int) -> int:
     side = enc.preprocess.size
     pixels = torch.zeros(views, 3, side, side, dtype=torch.uint8)
     with torch.inference_mode():
-        enc._forward(pixels)
+        enc.forward(pixels)
         gc.collect()
         libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
         before = _status("VmRSS")
-        enc._forward(pixels)
+        enc.forward(pixels)
         peak = _status("VmHWM")
     return model_bytes(enc.model) + peak - before
 

@@ -22,7 +22,8 @@ def test_bench_table_and_json(tmp_path):
     assert "omni bench" in result.output and "machine:" in result.output
     data = json.loads(out.read_text())
     assert set(data) >= {"machine", "settings", "stages", "memory_kind", "omni_version"}
-    assert set(data["stages"]) == {"decode", "encoder", "tag", "baseline"}
+    assert set(data["stages"]) == {"decode:cpu", "encoder", "tag:cpu", "baseline"}
+    assert data["settings"]["decode"] == "cpu"  # no GPU: the only mode
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"]
     assert data["settings"]["images"] == 16
     for stage in data["stages"].values():

@@ -22,8 +22,8 @@ from .conftest import LABELS, MODEL, omni_tag
 
 # Runs `omni` with every encoder forward slowed down, so a test can interrupt it mid-run.
 SLOW_OMNI = (
-    "import sys, time; import omni_cli.encoder as e; f = e.Encoder._forward; "
-    "e.Encoder._forward = lambda self, x: (time.sleep(0.25), f(self, x))[1]; "
+    "import sys, time; import omni_cli.encoder as e; f = e.Encoder.forward; "
+    "e.Encoder.forward = lambda self, x: (time.sleep(0.25), f(self, x))[1]; "
     "from omni_cli.cli import app; sys.argv[0] = 'omni'; app()"
 )
 

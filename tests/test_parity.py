@@ -1,8 +1,10 @@
 """Parity: omni's scores equal transformers' own reference path to 1e-4 at fp32.
 
-The reference is what a user would write by hand: PIL opens the file, CLIPProcessor prepares
-images and prompts, CLIPModel's full forward returns logits_per_image; cosine similarity is
-logits / logit_scale and probabilities are their softmax.
+The reference is what a user would write by hand: PIL opens the file, the model's image
+processor (its PIL backend: with torchvision installed, transformers 5 would otherwise pick the
+torchvision one, which differs by ~1e-4) and tokenizer prepare images and prompts, CLIPModel's
+full forward returns logits_per_image; cosine similarity is logits / logit_scale and
+probabilities are their softmax.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import transformers
 from PIL import Image, ImageOps
-from transformers import CLIPModel, CLIPProcessor
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
 from omni_cli.pipeline import tag
@@ -32,14 +35,21 @@ def reference_rgb(path) -> Image.Image:
 
 def reference_scores(paths):
     model = CLIPModel.from_pretrained(MODEL).eval()
-    processor = CLIPProcessor.from_pretrained(MODEL)
+    images = pil_image_processor(MODEL)([reference_rgb(p) for p in paths], return_tensors="pt")
     prompts = [f"a photo of a {label}." for label in LABELS]
-    inputs = processor(
-        text=prompts, images=[reference_rgb(p) for p in paths], return_tensors="pt", padding=True
-    )
+    inputs = dict(AutoTokenizer.from_pretrained(MODEL)(prompts, padding=True, return_tensors="pt"))
+    inputs["pixel_values"] = images["pixel_values"]
     with torch.no_grad():
         logits = model(**inputs).logits_per_image
         return (logits / model.logit_scale.exp()).numpy(), logits.softmax(-1).numpy()
+
+
+def pil_image_processor(model):
+    """CLIP's image processor with transformers' PIL backend, whatever else is installed."""
+    pil = getattr(transformers, "CLIPImageProcessorPil", None)
+    if pil is not None:
+        return pil.from_pretrained(model)
+    return AutoImageProcessor.from_pretrained(model, use_fast=False)  # before backends existed
 
 
 def every_format(folder):

@@ -8,11 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from omni_cli import encoder as enc_mod
+from omni_cli import precision as precision_mod
 from omni_cli.cli import app
 from omni_cli.config import ModelConfig, TagConfig
-from omni_cli.encoder import load_encoder, load_kwargs, probe_batch, resolve_precision
 from omni_cli.errors import UsageError
+from omni_cli.loading import load_encoder, load_kwargs, probe_batch
 from omni_cli.pipeline import tag
+from omni_cli.precision import resolve_precision
 
 from .conftest import MODEL
 
@@ -30,7 +32,7 @@ def test_quantised_formats_refused_on_mps():
 
 
 def test_nf4_without_bitsandbytes_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(enc_mod, "_has_bitsandbytes", lambda: False)
+    monkeypatch.setattr(precision_mod, "has_bitsandbytes", lambda: False)
     with pytest.raises(UsageError, match="pip install bitsandbytes"):
         resolve_precision("nf4", CPU)
     assert resolve_precision("int8", CPU) == "int8"  # PyTorch's own dynamic int8
@@ -68,14 +70,14 @@ def test_oom_backoff_keeps_every_image_exactly_once(tmp_path, images, labels_fil
                                            batch=8))  # fmt: skip
 
     reference = {r["path"]: r for r in pq.read_table(tag(config("ref.parquet")).output).to_pylist()}
-    real = enc_mod.Encoder._forward
+    real = enc_mod.Encoder.forward
 
     def fake(self, chunk):
         if len(chunk) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(self, chunk)
 
-    monkeypatch.setattr(enc_mod.Encoder, "_forward", fake)
+    monkeypatch.setattr(enc_mod.Encoder, "forward", fake)
     notes = []
     result = tag(config("oom.parquet"),
                  lambda e: notes.append(e.message) if e.stage == "note" else None)  # fmt: skip
@@ -90,14 +92,14 @@ def test_oom_backoff_keeps_every_image_exactly_once(tmp_path, images, labels_fil
 
 
 class _FakeEncoder:
-    """What `probe_batch` touches: `_forward`, the device and the input size."""
+    """What `probe_batch` touches: `forward`, the device and the input size."""
 
     def __init__(self, fits: int):
         self.fits, self.tried = fits, []
         self.device = CPU
         self.preprocess = type("P", (), {"size": 8})()
 
-    def _forward(self, pixels):
+    def forward(self, pixels):
         self.tried.append(len(pixels))
         if len(pixels) > self.fits:
             raise torch.OutOfMemoryError("injected")
@@ -116,7 +118,7 @@ def test_batch_probe_gives_up_below_one():
 
 def test_max_gpu_memory_builds_an_accelerate_device_map(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
     kwargs = load_kwargs("fp16", torch.device("cuda"), max_gpu_memory=6 << 30)
     assert kwargs["device_map"] == "auto" and kwargs["dtype"] == torch.float16
     assert kwargs["max_memory"][0] == 6 << 30 and kwargs["max_memory"]["cpu"] > 0

@@ -82,11 +82,11 @@ def test_same_rows_as_local_engine(cluster, folder, labels_file, tmp_path):
     assert meta_a == meta_b
     assert a.select(EXACT).to_pylist() == b.select(EXACT).to_pylist()  # row for row
     assert a["top_labels"].to_pylist() == b["top_labels"].to_pylist()
+    ok = [s == "ok" for s in a["status"].to_pylist()]
+    assert ok == [s == "ok" for s in b["status"].to_pylist()]
     for column in ("similarity", "probs"):
-        ok = [x is not None for x in a[column].to_pylist()]
-        assert ok == [x is not None for x in b[column].to_pylist()]
-        got = np.array([x for x in b[column].to_pylist() if x is not None])
-        want = np.array([x for x in a[column].to_pylist() if x is not None])
+        got = np.array([x for x, good in zip(b[column].to_pylist(), ok, strict=True) if good])
+        want = np.array([x for x, good in zip(a[column].to_pylist(), ok, strict=True) if good])
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert [e.stage for e in events][:2] == ["scan", "model"]
     assert events[-1].stage == "finish" and events[-1].done == local.files

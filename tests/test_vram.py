@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from omni_cli import vram
 from omni_cli.cli import app
 from omni_cli.config import ModelConfig
-from omni_cli.encoder import load_encoder
 from omni_cli.errors import UsageError
+from omni_cli.loading import load_encoder
 
 from .conftest import MODEL
 

@@ -1,0 +1,239 @@
+"""Feed: from loader batches to views on the encoder's device, decoded wherever is faster.
+
+The feeder gathers loader batches until they hold a forward's worth of views, then hands the
+encoder one `Fed` group: every file's views as one uint8 tensor on the device, in file order.
+Views decoded by CPU workers travel from pinned memory on a side stream, overlapping the
+encoder's work. JPEGs sent to the device are decoded there in one batched call
+(devdecode.py); a batch the device decoder rejects is retried file by file, and a file it
+still rejects is decoded on the CPU, which gives it pixels or the same error row as ever.
+
+Hybrid decoding: on a GPU host both the CPU workers and the device can decode, and the right
+share for each depends on the model, the GPU and the cores. `SplitControl` finds it while the
+run goes: if the main process waits for batches, the workers are the bound, so more batches go
+to the device (for a worker, reading a JPEG's bytes costs next to nothing); if it never waits,
+the device is the bound, so the workers decode more of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import decode, tiling
+from .devdecode import JpegDecoder, device_views, orient
+from .errors import DecodeError, UsageError
+from .loader import Batch, Item, Split
+
+WINDOW = 8  # loader batches between adjustments of the split
+STEP = 0.05  # change of the CPU share per adjustment
+WAIT_HIGH = 0.10  # main process waiting more than this share of the time: workers are the bound
+WAIT_LOW = 0.02  # less than this: the device (or the main process) is the bound
+START_SHARE = 0.5  # CPU share of batches when the run starts, in hybrid mode
+
+
+@dataclass
+class Fed:
+    """Files ready to encode: `pixels` holds the views of the items without an error, in order."""
+
+    items: list[Item]
+    pixels: torch.Tensor  # (sum of views, 3, size, size) uint8, on the encoder's device
+
+
+class SplitControl:
+    """Adjusts a `Split` from how much of its time the main process spends waiting for batches."""
+
+    def __init__(self, split: Split):
+        self.split = split
+        self.waited = self.elapsed = 0.0
+        self.seen = 0
+        self.history: list[float] = [split.share]
+
+    def observe(self, waited: float, elapsed: float) -> None:
+        self.waited += waited
+        self.elapsed += elapsed
+        self.seen += 1
+        if self.seen < WINDOW or self.elapsed <= 0:
+            return
+        waiting = self.waited / self.elapsed
+        if waiting > WAIT_HIGH:
+            self.split.share -= STEP
+        elif waiting < WAIT_LOW:
+            self.split.share += STEP
+        self.history.append(self.split.share)
+        self.waited = self.elapsed = 0.0
+        self.seen = 0
+
+
+class Feeder:
+    """Iterates `Fed` groups of at least `views_per_forward` views (the last may hold fewer)."""
+
+    def __init__(
+        self,
+        batches: Iterable[Batch],
+        spec: decode.Preprocess,
+        device: torch.device,
+        views_per_forward: int,
+        *,
+        decoder: JpegDecoder | None = None,
+        split: Split | None = None,
+        adapt: bool = True,
+    ):
+        self.batches, self.spec, self.device = batches, spec, device
+        self.views_per_forward = views_per_forward
+        self.decoder = decoder
+        self.control = SplitControl(split) if split is not None and adapt else None
+        self.cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.device_decoded = self.fallbacks = 0  # files decoded by the device / sent back
+
+    def __iter__(self) -> Iterator[Fed]:
+        group: list[Batch] = []
+        views = 0
+        batches = iter(self.batches)
+        last = time.perf_counter()
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            now = time.perf_counter()
+            if batch is None:
+                break
+            if self.control is not None:
+                self.control.observe(now - asked, now - last)
+            last = now
+            group.append(batch)
+            views += sum(self._views(item) for item in batch.items)
+            if views >= self.views_per_forward:
+                yield self.feed(group)
+                group, views = [], 0
+        if group:
+            yield self.feed(group)
+
+    def _views(self, item: Item) -> int:
+        if item.jpeg is None:
+            return item.views
+        spec = self.spec
+        return tiling.view_count(item.width, item.height, spec.tiles, spec.tile_overlap, spec.size)
+
+    def feed(self, batches: list[Batch]) -> Fed:
+        """One group of loader batches -> its items and all their views on the device.
+
+        On CUDA all of it (copies, decoding, resampling) runs on a side stream, overlapping
+        the encoder's forwards queued before it; the encoder's stream waits for it here.
+        """
+        if not self.cuda:
+            return self._feed(batches)
+        with torch.cuda.stream(self.side):
+            fed = self._feed(batches)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.side)
+        fed.pixels.record_stream(current)  # made on the side stream, used on the encoder's
+        return fed
+
+    def _feed(self, batches: list[Batch]) -> Fed:
+        items: list[Item] = []
+        parts: dict[int, torch.Tensor] = {}  # item position -> its views on the device
+        jpegs: list[tuple[int, Item, torch.Tensor]] = []
+        for batch in batches:
+            host = self._to_device(batch.pixels)
+            start = 0
+            for item in batch.items:
+                position = len(items)
+                items.append(item)
+                if item.jpeg is not None:
+                    offset, length = item.jpeg
+                    jpegs.append((position, item, batch.jpegs[offset : offset + length]))
+                elif item.error is None:
+                    parts[position] = host[start : start + item.views]
+                    start += item.views
+        if jpegs:
+            parts.update(self._decode_jpegs(jpegs))
+        order = [parts[i] for i in range(len(items)) if i in parts]
+        pixels = (
+            torch.cat(order) if order else torch.empty(0, dtype=torch.uint8, device=self.device)
+        )
+        return Fed(items, pixels)
+
+    def _decode_jpegs(self, jpegs: list[tuple[int, Item, torch.Tensor]]) -> dict:
+        """Decode on the device, orient, cut views; files it cannot take go the CPU way."""
+        images = self._device_decode([data for _, _, data in jpegs])
+        parts, good, oriented = {}, [], []
+        for (position, item, _), image in zip(jpegs, images, strict=True):
+            expected = (item.width, item.height)
+            if image is not None:
+                image = orient(image, item.orientation)
+                if (image.shape[-1], image.shape[-2]) != expected or image.shape[0] != 3:
+                    image = None  # the header and the decoded stream disagree: trust the CPU
+            item.jpeg = None
+            if image is None:
+                self.fallbacks += 1
+                parts[position] = self._cpu_fallback(item)
+                continue
+            good.append((position, item))
+            oriented.append(image)
+        self.device_decoded += len(good)
+        for (position, item), views in zip(good, device_views(oriented, self.spec), strict=True):
+            item.views = len(views)
+            parts[position] = views
+        return {k: v for k, v in parts.items() if v is not None}
+
+    def _device_decode(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The whole list in one call; if that fails, file by file, None for each failure."""
+        try:
+            return list(self.decoder(files, self.device))
+        except Exception:
+            pass
+        out: list[torch.Tensor | None] = []
+        for data in files:
+            try:
+                out.append(self.decoder([data], self.device)[0])
+            except Exception:
+                out.append(None)
+        return out
+
+    def _cpu_fallback(self, item: Item) -> torch.Tensor | None:
+        """Decode one file on the CPU here, as a worker would; an error sticks to the item."""
+        try:
+            decoded = decode.load(item.entry.path, self.spec)
+        except DecodeError as exc:
+            item.error = exc.reason
+            return None
+        item.width, item.height, item.views = decoded.width, decoded.height, len(decoded.pixels)
+        return self._to_device(torch.from_numpy(np.ascontiguousarray(decoded.pixels)))
+
+    def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Host views to the device (from pinned memory: without waiting)."""
+        return pixels.to(self.device, non_blocking=self.cuda)
+
+
+def choose_decoder(
+    mode: str, device: torch.device, exact: bool, injected: JpegDecoder | None = None
+) -> tuple[JpegDecoder | None, Split | None, bool]:
+    """Where JPEGs are decoded: (device decoder or None, split, whether the split adapts).
+
+    `cpu`, `--exact` and devices other than CUDA: every file on the CPU. `gpu`: every JPEG
+    the device decoder takes goes to it. `auto`: on CUDA with torchvision's nvJPEG, hybrid,
+    the CPU workers' share tuned by `SplitControl`; without it, the CPU. `injected` replaces
+    the device decoder (tests, or a library user's own), on any device.
+    """
+    if mode == "cpu" or exact:
+        return None, None, False
+    decoder = injected
+    if decoder is None and device.type == "cuda":
+        from .devdecode import nvjpeg_decoder
+
+        decoder = nvjpeg_decoder()
+    if decoder is None:
+        if mode == "gpu":
+            where = "a CUDA device" if device.type != "cuda" else "torchvision with nvJPEG"
+            raise UsageError(
+                f"--decode gpu needs {where}: pip install -e '.[gpu]' with a torchvision built "
+                "for this PyTorch; --decode cpu or auto decode on the CPU"
+            )
+        return None, None, False
+    if mode == "gpu":
+        return decoder, Split(0.0), False
+    return decoder, Split(START_SHARE), True

@@ -1,0 +1,241 @@
+"""Device decoding and feeding, on the CPU: the decoder is a PIL-backed fake of nvJPEG.
+
+What only CUDA does (nvJPEG itself, a real out-of-memory, probing) is in test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from omni_cli import decode, devdecode, tiling
+from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
+from omni_cli.feed import Feeder, SplitControl, choose_decoder
+from omni_cli.loader import Split, files_per_batch, make_loader
+from omni_cli.loading import load_encoder
+from omni_cli.pipeline import tag
+from omni_cli.sources import discover
+from omni_cli.synthetic import draw
+
+from .conftest import LABELS, MODEL, shape_image
+
+CPU = torch.device("cpu")
+SPEC = decode.Preprocess()
+
+
+class FakeDecoder:
+    """nvJPEG's contract on CPU tensors: a list of JPEG files in, (3, H, W) uint8 as stored out.
+
+    Like nvJPEG it ignores EXIF orientation, and it refuses what it is told to refuse (a whole
+    batch fails when one file in it does, as torchvision's batched call does).
+    """
+
+    def __init__(self, refuse: bytes | None = None):
+        self.calls: list[int] = []
+        self.refuse = refuse
+
+    def __call__(self, files, device):
+        self.calls.append(len(files))
+        out = []
+        for data in files:
+            raw = data.numpy().tobytes()
+            if self.refuse and self.refuse in raw:
+                raise RuntimeError("nvjpeg: unsupported stream (injected)")
+            img = Image.open(io.BytesIO(raw)).convert("RGB")
+            out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(device))
+        return out
+
+
+def jpeg(path, img, **kw):
+    img.save(path, quality=92, **kw)
+    return str(path)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_pil(tmp_path, orientation):
+    img = draw("red triangle", (160, 96), rng=np.random.default_rng(orientation))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = jpeg(tmp_path / "o.jpg", img, exif=exif.tobytes())
+    raw = decode.read_jpeg(path, SPEC)
+    stored = FakeDecoder()([torch.from_numpy(raw.data.copy())], CPU)[0]
+    shown = devdecode.orient(stored, raw.orientation)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    assert (raw.width, raw.height) == (want.shape[1], want.shape[0])
+    assert np.array_equal(shown.permute(1, 2, 0).numpy(), want)
+
+
+def test_only_plain_complete_jpegs_go_to_the_device(tmp_path):
+    base = shape_image("blue circle", seed=1)
+    assert decode.read_jpeg(jpeg(tmp_path / "ok.jpg", base), SPEC) is not None
+    assert decode.read_jpeg(jpeg(tmp_path / "p.jpg", base, progressive=True), SPEC) is None
+    assert decode.read_jpeg(jpeg(tmp_path / "c.jpg", base.convert("CMYK")), SPEC) is None
+    assert decode.read_jpeg(jpeg(tmp_path / "g.jpg", base.convert("L")), SPEC) is None
+    base.save(tmp_path / "x.png")
+    assert decode.read_jpeg(str(tmp_path / "x.png"), SPEC) is None
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert decode.read_jpeg(str(tmp_path / "cut.jpg"), SPEC) is None
+    capped = decode.Preprocess(max_pixels=100)
+    assert decode.read_jpeg(str(tmp_path / "ok.jpg"), capped) is None
+
+
+def test_device_views_agree_with_the_cpu_fast_path(tmp_path):
+    """Same views (to a few grey levels) and the same top label as decode.load, tiles too."""
+    enc = load_encoder(ModelConfig(model=str(MODEL), device="cpu", precision="fp32"))
+    classifier = enc.encode_texts([f"a photo of a {label}." for label in LABELS]).T
+    rng = np.random.default_rng(7)
+    cases = [((320, 240), "off"), ((241, 333), "off"), ((1024, 768), "off"),
+             ((1600, 1200), "auto"), ((700, 1500), "2x3")]  # fmt: skip
+    agree = total = 0
+    for i, (size, tiles) in enumerate(cases * 3):
+        label = LABELS[i % len(LABELS)]
+        path = jpeg(tmp_path / f"{i}.jpg", draw(label, size, rng=rng, shape_frac=0.4))
+        spec = decode.Preprocess(tiles=tiles)
+        cpu = torch.from_numpy(decode.load(path, spec).pixels)
+        raw = decode.read_jpeg(path, spec)
+        image = FakeDecoder()([torch.from_numpy(raw.data.copy())], CPU)[0]
+        dev = devdecode.device_views([image], spec)[0]
+        assert dev.shape == cpu.shape
+        assert len(dev) == tiling.view_count(size[0], size[1], tiles, 0.5, 224)
+        assert (dev.float() - cpu.float()).abs().mean() < 3.0  # grey levels, out of 255
+        a, b = enc.encode_images(cpu) @ classifier, enc.encode_images(dev) @ classifier
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(a)
+    assert agree / total >= 0.995, (agree, total)
+
+
+def zoo(folder):
+    """Good JPEGs beside every kind the device path must hand back to the CPU."""
+    folder.mkdir()
+    for i, label in enumerate(LABELS):
+        jpeg(folder / f"{i}_{label.replace(' ', '_')}.jpg", shape_image(label, seed=i))
+    base = shape_image("green square", seed=42)
+    jpeg(folder / "cmyk_green_square.jpg", base.convert("CMYK"))
+    jpeg(folder / "progressive_green_square.jpg", base, progressive=True)
+    base.save(folder / "png_green_square.png")
+    good = (folder / "0_red_circle.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "notes.jpg").write_text("not a JPEG")
+    refused = shape_image("blue triangle", seed=9)
+    jpeg(folder / "refused_blue_triangle.jpg", refused, comment=b"REFUSE-ME")
+    return folder
+
+
+def feed_all(folder, decoder, *, workers=0, views_per_forward=8, spec=SPEC):
+    entries = list(discover([folder]))
+    split = Split(0.0)
+    loader = make_loader(entries, spec, files=4, workers=workers, split=split)
+    feeder = Feeder(loader, spec, CPU, views_per_forward, decoder=decoder, split=split)
+    return feeder, list(feeder)
+
+
+def test_feeder_falls_back_per_file_and_keeps_error_rows(tmp_path):
+    folder = zoo(tmp_path / "zoo")
+    decoder = FakeDecoder(refuse=b"REFUSE-ME")
+    feeder, groups = feed_all(folder, decoder)
+    items = {it.entry.rel: it for fed in groups for it in fed.items}
+    assert len(items) == len(LABELS) + 6  # every file once
+    assert items["truncated.jpg"].error == "truncated JPEG"
+    assert items["notes.jpg"].error == "not an image"
+    ok = [rel for rel, it in items.items() if it.error is None]
+    assert all(items[rel].views == 1 for rel in ok) and len(ok) == len(LABELS) + 4
+    # The nine plain JPEGs and the refused one reach the device; the refusal fails its whole
+    # batch call, which is retried file by file, and the refused file goes the CPU way.
+    assert feeder.device_decoded == len(LABELS) and feeder.fallbacks == 1
+    assert any(n > 1 for n in decoder.calls) and decoder.calls.count(1) >= 2
+    for fed in groups:  # views line up with the items that have them, in order
+        assert len(fed.pixels) == sum(it.views for it in fed.items if it.error is None)
+        assert fed.pixels.dtype == torch.uint8 and fed.pixels.shape[1:] == (3, 224, 224)
+
+
+def test_groups_hold_a_forward_of_views(tmp_path):
+    folder = zoo(tmp_path / "zoo")
+    _, groups = feed_all(folder, FakeDecoder(), views_per_forward=6)
+    assert all(len(fed.pixels) >= 6 for fed in groups[:-1])
+
+
+def config(tmp_path, folder, labels_file, name, **decode):
+    return TagConfig(inputs=(folder,), labels_file=labels_file, output=tmp_path / name,
+                     workers=0, model=ModelConfig(model=str(MODEL), device="cpu",
+                                                  precision="fp32", batch=5),
+                     decode=DecodeConfig(**decode))  # fmt: skip
+
+
+def test_tag_with_a_device_decoder_matches_the_cpu_path(tmp_path, labels_file):
+    folder = zoo(tmp_path / "zoo")
+    cpu = tag(config(tmp_path, folder, labels_file, "cpu.parquet", decoder="cpu"))
+    dev = tag(config(tmp_path, folder, labels_file, "dev.parquet", decoder="gpu"),
+              jpeg_decoder=FakeDecoder(refuse=b"REFUSE-ME"))  # fmt: skip
+    assert dev.device_decoded == len(LABELS) and cpu.device_decoded == 0
+    a = {r["path"]: r for r in pq.read_table(cpu.output).to_pylist()}
+    b = {r["path"]: r for r in pq.read_table(dev.output).to_pylist()}
+    assert a.keys() == b.keys() and sorted(cpu.errors) == sorted(dev.errors)
+    for path, row in a.items():
+        assert (row["status"], row["error"], row["views"]) == (
+            b[path]["status"], b[path]["error"], b[path]["views"])  # fmt: skip
+        if row["status"] == "ok":
+            assert row["top_labels"][0] == b[path]["top_labels"][0]
+            assert np.abs(np.subtract(row["similarity"], b[path]["similarity"])).max() < 0.02
+
+
+def test_views_of_one_file_may_span_two_forwards(tmp_path, labels_file):
+    """Forwards of exactly --batch views: a tiled file split across forwards scores the same."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i, label in enumerate(LABELS[:4]):
+        draw(label, (1400, 700), rng=rng, shape_frac=0.3).save(folder / f"{i}.jpg")
+    runs = {}
+    for batch in (7, 64):
+        cfg = config(tmp_path, folder, labels_file, f"b{batch}.parquet", tiles="auto")
+        cfg = TagConfig(
+            **{
+                **cfg.__dict__,
+                "model": ModelConfig(model=str(MODEL), device="cpu", precision="fp32", batch=batch),
+            }
+        )
+        runs[batch] = {r["path"]: r for r in pq.read_table(tag(cfg).output).to_pylist()}
+    assert all(r["views"] > 7 for r in runs[7].values())
+    for path, row in runs[7].items():
+        np.testing.assert_allclose(row["similarity"], runs[64][path]["similarity"], atol=1e-5)
+
+
+def test_split_is_exact_and_control_follows_the_waiting(tmp_path):
+    split = Split(0.25)
+    assert [split.cpu() for _ in range(8)].count(True) == 2
+    control = SplitControl(Split(0.5))
+    for _ in range(8):
+        control.observe(waited=0.5, elapsed=1.0)  # the main process starves: workers are slow
+    assert control.split.share == pytest.approx(0.45)
+    for _ in range(16):
+        control.observe(waited=0.0, elapsed=1.0)  # never waits: the device is the bound
+    assert control.split.share == pytest.approx(0.55)
+    split = Split(0.98)
+    split.share += 0.5
+    assert split.share == 1.0
+
+
+def test_choosing_the_decoder():
+    assert choose_decoder("auto", CPU, False) == (None, None, False)  # no CUDA: the CPU
+    fake = FakeDecoder()
+    decoder, split, adapt = choose_decoder("auto", CPU, False, fake)
+    assert decoder is fake and split.share == 0.5 and adapt
+    decoder, split, adapt = choose_decoder("gpu", CPU, False, fake)
+    assert split.share == 0.0 and not adapt
+    assert choose_decoder("auto", CPU, True, fake)[0] is None  # --exact stays on PIL
+    with pytest.raises(Exception, match="--decode gpu needs a CUDA device"):
+        choose_decoder("gpu", CPU, False)
+
+
+def test_loader_batches_are_small_and_bounded_in_bytes():
+    assert files_per_batch(512, SPEC, workers=15) == 16
+    assert files_per_batch(32, decode.Preprocess(tiles="auto"), workers=15) == 1
+    big = decode.Preprocess(tiles="4x4")
+    per_file = 21 * 3 * 224 * 224
+    assert files_per_batch(4096, big, workers=64) * per_file * 64 * 2 <= 1 << 30
