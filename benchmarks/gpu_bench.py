@@ -99,11 +99,16 @@ def main() -> None:
                 decode="all",
             )
             t0 = time.perf_counter()
-            report = run_bench(cfg, lambda m: console.print(f"  {m}", style="dim"))
+            try:
+                report = run_bench(cfg, lambda m: console.print(f"  {m}", style="dim"))
+            except Exception:  # report it, and still run the others
+                console.print_exception(max_frames=8)
+                continue
+            finally:
+                torch.cuda.empty_cache()
             render(report, console)
             console.print(f"  ({time.perf_counter() - t0:.0f} s)")
             reports[name] = report
-            torch.cuda.empty_cache()
     targets(console, reports)
     if args.json:
         args.json.write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))

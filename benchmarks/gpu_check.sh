@@ -22,7 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 'torchvision', torchvision.__version__, 'transformers', transformers.__version__,
 'pyarrow', pyarrow.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -rfEs tests 2>&1 \
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -rfEs ${TESTS:-tests} 2>&1 \
     | tee "$OUT/tests.log" | tail -40
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_bench.py --json "$OUT/gpu.json" "$@" 2>&1 \
     | tee "$OUT/bench.log"
