@@ -55,12 +55,49 @@ def _chunk(args: tuple[str, int, int, int, int, int]) -> int:
     return count
 
 
-def make_images(folder: Path, n: int, size: tuple[int, int]) -> None:
+def make_images(folder: Path, n: int, size: tuple[int, int], copies: int = 1) -> None:
+    """`n` distinct JPEGs under folder/0, and `copies - 1` hard-linked copies of them beside.
+
+    Copies make a run long enough to time the steady state (worker start-up and the first
+    forward's fill are fixed costs) without synthesising every file; each is decoded anew.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     per = -(-n // cores)
-    jobs = [(str(folder), s, min(per, n - s), s, *size) for s in range(0, n, per)]
+    jobs = [(str(folder / "0"), s, min(per, n - s), s, *size) for s in range(0, n, per)]
     with ProcessPoolExecutor(cores) as pool:
         assert sum(pool.map(_chunk, jobs)) == n
+    for copy in range(1, copies):
+        for path in (folder / "0").rglob("*.jpg"):
+            target = folder / str(copy) / path.relative_to(folder / "0")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+
+
+def probe_nvjpeg(folder: Path, console: Console) -> None:
+    """The device decoder alone on files already in memory, and with the views cut after it."""
+    from omni_cli.decode import Preprocess
+    from omni_cli.devdecode import device_views, nvjpeg_decoder
+
+    decoder = nvjpeg_decoder()
+    if decoder is None:
+        console.print("nvJPEG: not available (torchvision)")
+        return
+    device = torch.device("cuda")
+    files = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+             for p in sorted((folder / "0").rglob("*.jpg"))[:1024]]  # fmt: skip
+    decoder(files[:8], device)
+    for batch in (64, 256, 512):
+        for views in (False, True):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(0, len(files), batch):
+                images = decoder(files[i : i + batch], device)
+                if views:
+                    device_views(images, Preprocess())
+            torch.cuda.synchronize()
+            rate = len(files) / (time.perf_counter() - t0)
+            what = "decode + views" if views else "decode"
+            console.print(f"  nvJPEG alone, in-memory 1080p, batch {batch}: {what} {rate:,.0f}/s")
 
 
 def main() -> None:
@@ -70,7 +107,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="default: as `omni tag`")
     ap.add_argument("--batch", type=int, default=None, help="views per forward; default auto")
     ap.add_argument("--baseline-images", type=int, default=256, help="images for the naive loop")
+    ap.add_argument("--copies", type=int, default=4, help="hard-linked copies of the 1080p set")
     ap.add_argument("--only", default=None, help="run only the runs whose name contains this")
+    ap.add_argument("--probe", action="store_true", help="also time nvJPEG alone, in memory")
+    ap.add_argument(
+        "--ab-thread",
+        action="store_true",
+        help="also time ViT-L/14 tag (gpu) without the feeding thread",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     console = Console(highlight=False, width=150)
@@ -78,10 +122,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="omni-gpu-") as tmp:
         folders = {"1080p": Path(tmp) / "1080p", "4k": Path(tmp) / "4k"}
         started = time.perf_counter()
-        make_images(folders["1080p"], args.images, SIZES["1080p"])  # forks: before CUDA
+        make_images(folders["1080p"], args.images, SIZES["1080p"], args.copies)  # before CUDA
         make_images(folders["4k"], args.images_4k, SIZES["4k"])
-        console.print(f"synthesised {args.images} 1920x1080 and {args.images_4k} 3840x2160 "
-                      f"JPEGs in {time.perf_counter() - started:.0f} s")  # fmt: skip
+        console.print(
+            f"synthesised {args.images} 1920x1080 JPEGs (x{args.copies} hard links) "
+            f"and {args.images_4k} 3840x2160 in {time.perf_counter() - started:.0f} s"
+        )
+        if args.probe and torch.cuda.is_available():
+            probe_nvjpeg(folders["1080p"], console)
         if not torch.cuda.is_available():
             raise SystemExit("gpu_bench.py needs a CUDA GPU; see benchmarks/throughput_cpu.py")
         console.print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -109,9 +157,30 @@ def main() -> None:
             render(report, console)
             console.print(f"  ({time.perf_counter() - t0:.0f} s)")
             reports[name] = report
+        if args.ab_thread:
+            ab_thread(console, folders, args)
     targets(console, reports)
     if args.json:
         args.json.write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+
+
+def ab_thread(console: Console, folders: dict, args) -> None:
+    """ViT-L/14 `tag --decode gpu` with the feeding thread and without it, side by side."""
+    import omni_cli.feed
+
+    for thread in (True, False):
+        omni_cli.feed.THREAD = thread
+        cfg = BenchConfig(
+            model=ModelConfig(model="random:vit-l-14", device="cuda", precision="bf16"),
+            images=folders["1080p"], workers=args.workers, decode="gpu", stages=("tag",),
+        )  # fmt: skip
+        stage = run_bench(cfg).stage("tag")
+        spent = ", ".join(f"{k} {v:.2f}" for k, v in stage.times.items())
+        console.print(
+            f"  feeding thread {'on ' if thread else 'off'}: tag (gpu) "
+            f"{stage.images_per_second:,.0f}/s in {stage.seconds:.2f} s ({spent})"
+        )
+    omni_cli.feed.THREAD = True
 
 
 def targets(console: Console, reports: dict) -> None:

@@ -100,6 +100,7 @@ class StageResult:
     peak_host: int = 0  # bytes: RSS of this process plus workers, on any device
     decode: str | None = None  # where JPEGs were decoded: cpu, gpu or hybrid
     cpu_share: float | None = None  # hybrid: the share of batches CPU workers decoded at the end
+    times: dict = field(default_factory=dict)  # seconds per activity (decode and tag stages)
 
     @property
     def images_per_second(self) -> float:
@@ -117,7 +118,7 @@ class BenchReport:
     machine: dict
     settings: dict
     stages: list[StageResult]
-    memory_kind: str  # "cuda allocator peak" | "cpu rss (process + workers)"
+    memory_kind: str  # "cuda allocator peak" | "cpu rss (process + workers' unique)"
 
     def stage(self, name: str) -> StageResult | None:
         """A stage by name; `decode` and `tag` alone mean the mode `omni tag` uses by default."""
@@ -178,7 +179,7 @@ def synthesise(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> li
 
 
 class PeakMemory:
-    """Peaks over a `with` block: host RSS of this process plus its children (sampled every
+    """Peaks over a `with` block: host memory of this process and its workers (sampled every
     few milliseconds) and, on CUDA, the allocator's peak on the device."""
 
     def __init__(self, device: torch.device, interval: float = 0.01):
@@ -207,15 +208,19 @@ class PeakMemory:
         self._thread.join()
 
     def _sample(self) -> None:
+        """This process's RSS plus its workers' unique memory: forked workers share most of
+        their pages with it, and their RSS would count those once per worker."""
         import psutil
 
-        me = psutil.Process()
+        me, children, tick = psutil.Process(), 0, 0
         while True:
-            total = me.memory_info().rss
-            for child in me.children(recursive=True):
-                with contextlib.suppress(psutil.Error):  # a worker that just exited
-                    total += child.memory_info().rss
-            self.host = max(self.host, total)
+            if tick % 5 == 0:  # unique set sizes read /proc/PID/smaps_rollup: every 50 ms
+                children = 0
+                for child in me.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):  # a worker that just exited
+                        children += child.memory_full_info().uss
+            self.host = max(self.host, me.memory_info().rss + children)
+            tick += 1
             if self._stop.wait(self.interval):
                 return
 
@@ -304,7 +309,7 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
         "decode": modes[-1] if modes else None,  # what `omni tag` uses by default
         "repeat": cfg.repeat,
     }
-    kind = "cuda allocator peak" if device.type == "cuda" else "cpu rss (process + workers)"
+    kind = "cuda allocator peak" if device.type == "cuda" else "rss (process + workers' unique)"
     return BenchReport(machine_info(), settings, stages, kind)
 
 
@@ -341,12 +346,16 @@ def _decode_stage(entries, spec, encoder, workers, mode):
         _sync(device)
         seconds = time.perf_counter() - started
     stage = StageResult(f"decode:{mode}", f"decode only ({mode})", count, seconds, mem.peak,
-                        batch=encoder.batch, workers=workers, peak_host=mem.host,
-                        decode=mode, cpu_share=_share(feeder))  # fmt: skip
+                        batch=encoder.batch, workers=workers, peak_host=mem.host, decode=mode,
+                        cpu_share=_share(feeder), times=_round(feeder.times))  # fmt: skip
     return stage, pool, views / max(count, 1)
 
 
 _DECODER = {"cpu": "cpu", "gpu": "gpu", "hybrid": "auto"}
+
+
+def _round(times: dict) -> dict:
+    return {k: round(v, 3) for k, v in times.items()}
 
 
 def _share(feeder) -> float | None:
@@ -396,7 +405,8 @@ def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device, mo
     _release(device)
     return StageResult(f"tag:{mode}", f"end to end, tag ({mode})", result.tagged, result.seconds,
                        mem.peak, result.precision, result.batch, workers, peak_host=mem.host,
-                       decode=mode, cpu_share=result.cpu_share)  # fmt: skip
+                       decode=mode, cpu_share=result.cpu_share,
+                       times=_round(result.times))  # fmt: skip
 
 
 def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
@@ -491,6 +501,10 @@ def render(report: BenchReport, console) -> None:
         "baseline": "naive loop: CLIPProcessor per batch of 8 + full forward with texts, fp32",
     }
     console.print("; ".join(text for key, text in meaning.items() if key in names) + ".")
+    for st in report.stages:
+        if st.times:
+            spent = ", ".join(f"{k} {v:.2f}" for k, v in st.times.items())
+            console.print(f"where the time goes, {st.description} ({st.seconds:.2f} s): {spent}")
     m = report.machine
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     console.print(f"machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']})"

@@ -16,6 +16,10 @@ the device is the bound, so the workers decode more of them.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +37,8 @@ STEP = 0.05  # change of the CPU share per adjustment
 WAIT_HIGH = 0.10  # main process waiting more than this share of the time: workers are the bound
 WAIT_LOW = 0.02  # less than this: the device (or the main process) is the bound
 START_SHARE = 0.5  # CPU share of batches when the run starts, in hybrid mode
+THREAD = os.environ.get("OMNI_FEED_THREAD", "1") != "0"  # decode on a thread (CUDA); for A/B
+_DONE = object()
 
 
 @dataclass
@@ -81,6 +87,7 @@ class Feeder:
         decoder: JpegDecoder | None = None,
         split: Split | None = None,
         adapt: bool = True,
+        thread: bool | None = None,
     ):
         self.batches, self.spec, self.device = batches, spec, device
         self.views_per_forward = views_per_forward
@@ -88,9 +95,51 @@ class Feeder:
         self.control = SplitControl(split) if split is not None and adapt else None
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
+        # None: on CUDA with a device decoder (where the decoder's blocking call can overlap)
+        self.threaded = (self.cuda and decoder is not None and THREAD) if thread is None else thread
         self.device_decoded = self.fallbacks = 0  # files decoded by the device / sent back
+        self.times = {"wait for loader": 0.0, "device decode": 0.0, "cut views": 0.0}
 
     def __iter__(self) -> Iterator[Fed]:
+        """Groups in the order they are ready; on CUDA with a device decoder, made on a thread.
+
+        The thread waits for loader batches and for the device decoder (a blocking call that
+        releases the GIL) while this one launches forwards and builds rows.
+        """
+        if not self.threaded:
+            yield from self._groups()
+            return
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for fed in self._groups():
+                    while not stop.is_set():
+                        with contextlib.suppress(queue.Full):
+                            ready.put(fed, timeout=0.1)
+                            break
+                    if stop.is_set():
+                        return
+                ready.put(_DONE)
+            except BaseException as exc:  # raised again in the consumer
+                ready.put(exc)
+
+        thread = threading.Thread(target=produce, name="omni-feed", daemon=True)
+        thread.start()
+        try:
+            while (fed := ready.get()) is not _DONE:
+                if isinstance(fed, BaseException):
+                    raise fed
+                yield fed
+        finally:
+            stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    ready.get_nowait()
+            thread.join()
+
+    def _groups(self) -> Iterator[Fed]:
         group: list[Batch] = []
         views = 0
         batches = iter(self.batches)
@@ -99,6 +148,7 @@ class Feeder:
             asked = time.perf_counter()
             batch = next(batches, None)
             now = time.perf_counter()
+            self.times["wait for loader"] += now - asked
             if batch is None:
                 break
             if self.control is not None:
@@ -159,7 +209,10 @@ class Feeder:
 
     def _decode_jpegs(self, jpegs: list[tuple[int, Item, torch.Tensor]]) -> dict:
         """Decode on the device, orient, cut views; files it cannot take go the CPU way."""
+        started = time.perf_counter()
         images = self._device_decode([data for _, _, data in jpegs])
+        decoded = time.perf_counter()
+        self.times["device decode"] += decoded - started
         parts, good, oriented = {}, [], []
         for (position, item, _), image in zip(jpegs, images, strict=True):
             expected = (item.width, item.height)
@@ -178,6 +231,7 @@ class Feeder:
         for (position, item), views in zip(good, device_views(oriented, self.spec), strict=True):
             item.views = len(views)
             parts[position] = views
+        self.times["cut views"] += time.perf_counter() - decoded
         return {k: v for k, v in parts.items() if v is not None}
 
     def _device_decode(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:

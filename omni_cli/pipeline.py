@@ -60,6 +60,7 @@ class TagResult:
     batch: int = 0  # views per forward
     device_decoded: int = 0  # files whose JPEG the device decoded
     cpu_share: float | None = None  # final share of batches the CPU workers decoded (hybrid)
+    times: dict[str, float] = field(default_factory=dict)  # seconds per activity: where it went
 
     @property
     def exit_code(self) -> int:
@@ -89,7 +90,9 @@ def tag(
         encoder, classifier = load_model(cfg, prompts, emit)
         plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
         feeder = make_feeder(cfg, encoder, plan.todo, jpeg_decoder)
-        return write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder)
+        result = write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder)
+        result.times = {**feeder.times, **tagger.times}
+        return result
 
 
 def make_feeder(

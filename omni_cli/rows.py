@@ -15,6 +15,7 @@ slot of a fixed-size list does not survive a Parquet round trip in pyarrow befor
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ class Tagger:
         self.labels, self.schema = labels, schema
         self.top_k, self.threshold = top_k, threshold
         self.embeddings = "embedding" in schema.names
+        self.times = {"encode": 0.0, "wait for device": 0.0, "build rows": 0.0}
 
     def stream(self, groups: Iterable[Fed]) -> Iterator[pa.RecordBatch]:
         """Rows for every file of every group, in order, one record batch per scored group."""
@@ -103,7 +105,7 @@ class Tagger:
         for fed in groups:
             queue.push(fed)
             while queue.queued >= self.encoder.batch:
-                queue.add(self.encoder.encode_images(queue.take(self.encoder.batch)))
+                self._encode(queue)
                 scored = self._score(*queue.complete())
                 if scored.items:
                     pending.append(scored)
@@ -112,11 +114,16 @@ class Tagger:
             if queue.items and queue.items[0].views == 0:  # leading error rows: no views to wait
                 pending.append(self._score(*queue.complete()))
         while queue.queued:
-            queue.add(self.encoder.encode_images(queue.take(self.encoder.batch)))
+            self._encode(queue)
         pending.append(self._score(*queue.complete()))
         for scored in pending:
             if scored.items:
                 yield self._build(scored)
+
+    def _encode(self, queue: _ViewQueue) -> None:
+        started = time.perf_counter()
+        queue.add(self.encoder.encode_images(queue.take(self.encoder.batch)))
+        self.times["encode"] += time.perf_counter() - started
 
     def rows(self, fed: Fed) -> pa.RecordBatch:
         """One group's rows, as one record batch (for engines that bring their own batches)."""
@@ -152,8 +159,16 @@ class Tagger:
         return scored
 
     def _build(self, scored: _Scored) -> pa.RecordBatch:
+        started = time.perf_counter()
         if scored.event is not None:
             scored.event.synchronize()
+        arrived = time.perf_counter()
+        self.times["wait for device"] += arrived - started
+        batch = self._columns(scored)
+        self.times["build rows"] += time.perf_counter() - arrived
+        return batch
+
+    def _columns(self, scored: _Scored) -> pa.RecordBatch:
         items, n = scored.items, len(scored.items)
         valid = np.zeros(n, bool)
         valid[scored.ok] = True

@@ -93,7 +93,8 @@ def test_a_real_out_of_memory_backs_off_and_keeps_every_view():
     enc = load_encoder(ModelConfig(model="random:vit-b-32", device="cuda", precision="fp32",
                                    batch=4096))  # fmt: skip
     pixels = torch.randint(0, 256, (600, 3, 224, 224), dtype=torch.uint8)
-    reference = torch.cat([enc.forward(pixels[i : i + 32]) for i in range(0, 600, 32)])
+    with torch.inference_mode():
+        reference = torch.cat([enc.forward(pixels[i : i + 32]) for i in range(0, 600, 32)])
     held = torch.cuda.memory_allocated()
     with memory_cap(held + GIB // 2):  # 600 fp32 views need ~1.5 GiB of activations
         got = enc.encode_images(pixels)
@@ -111,4 +112,5 @@ def test_batch_auto_probes_what_fits():
     with memory_cap(held + GIB // 2):
         enc = load_encoder(ModelConfig(model="random:vit-b-32", device="cuda", precision="fp32"))
         assert enc.batch < 512 and enc.batch & (enc.batch - 1) == 0
-        enc.forward(torch.zeros(enc.batch, 3, 224, 224, dtype=torch.uint8))  # and it fits
+        with torch.inference_mode():  # and it fits
+            enc.forward(torch.zeros(enc.batch, 3, 224, 224, dtype=torch.uint8))

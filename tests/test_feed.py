@@ -239,3 +239,41 @@ def test_loader_batches_are_small_and_bounded_in_bytes():
     big = decode.Preprocess(tiles="4x4")
     per_file = 21 * 3 * 224 * 224
     assert files_per_batch(4096, big, workers=64) * per_file * 64 * 2 <= 1 << 30
+
+
+def test_a_feeding_thread_gives_the_same_groups_and_passes_errors_on(tmp_path):
+    folder = zoo(tmp_path / "zoo")
+    entries = list(discover([folder]))
+    plain = list(
+        Feeder(
+            make_loader(entries, SPEC, files=4, workers=0, split=Split(0.0)),
+            SPEC,
+            CPU,
+            8,
+            decoder=FakeDecoder(),
+            split=Split(0.0),
+            thread=False,
+        )
+    )
+    threaded = list(
+        Feeder(
+            make_loader(entries, SPEC, files=4, workers=0, split=Split(0.0)),
+            SPEC,
+            CPU,
+            8,
+            decoder=FakeDecoder(),
+            split=Split(0.0),
+            thread=True,
+        )
+    )
+    assert [[i.entry.rel for i in f.items] for f in plain] == [
+        [i.entry.rel for i in f.items] for f in threaded]  # fmt: skip
+    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(plain, threaded, strict=True))
+
+    def broken(files, device):
+        raise KeyboardInterrupt  # anything the thread meets reaches the consumer
+
+    feeder = Feeder(make_loader(entries, SPEC, files=4, workers=0, split=Split(0.0)), SPEC, CPU,
+                    8, decoder=broken, split=Split(0.0), thread=True)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        list(feeder)
