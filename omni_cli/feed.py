@@ -8,10 +8,13 @@ encoder's work. JPEGs sent to the device are decoded there in one batched call
 still rejects is decoded on the CPU, which gives it pixels or the same error row as ever.
 
 Hybrid decoding: on a GPU host both the CPU workers and the device can decode, and the right
-share for each depends on the model, the GPU and the cores. `SplitControl` finds it while the
-run goes: if the main process waits for batches, the workers are the bound, so more batches go
-to the device (for a worker, reading a JPEG's bytes costs next to nothing); if it never waits,
-the device is the bound, so the workers decode more of them.
+share for each depends on the model, the GPU and the cores. `SplitControl` measures both while
+the run goes: the workers' CPU capacity C (images/s, from their own decode times) and the
+seconds t the feeder spends per image it decodes on the device (the decoder's blocking call
+and the views, under whatever load the encoder puts on the device). Both paths finish together
+when the CPU share s satisfies s / C = (1 - s) t, so s = C t / (1 + C t). No threshold is
+tuned to a machine: on an H200 with 15 workers (C ~ 1,350/s of 1080p JPEGs) and nvJPEG under a
+ViT-L/14 (t ~ 0.5 ms) it gives s ~ 0.4.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from .devdecode import JpegDecoder, device_views, orient
 from .errors import DecodeError, UsageError
 from .loader import Batch, Item, Split
 
-WINDOW = 8  # loader batches between adjustments of the split
-STEP = 0.05  # change of the CPU share per adjustment
-WAIT_HIGH = 0.10  # main process waiting more than this share of the time: workers are the bound
-WAIT_LOW = 0.02  # less than this: the device (or the main process) is the bound
+WINDOW = 16  # loader batches between updates of the split
+SMOOTHING = 0.5  # weight of a new estimate of the best share
+MAX_SHARE = 0.95  # keep measuring the device path, however slow it looks
 START_SHARE = 0.5  # CPU share of batches when the run starts, in hybrid mode
-THREAD = os.environ.get("OMNI_FEED_THREAD", "1") != "0"  # decode on a thread (CUDA); for A/B
+# Decode on a separate thread (CUDA). Off: on an H200, nvJPEG's call did not overlap with the
+# main thread (ViT-L/14 tag 1,313/s with the thread, 1,463/s without; gpu_bench --ab-thread).
+THREAD = os.environ.get("OMNI_FEED_THREAD", "0") == "1"
 _DONE = object()
 
 
@@ -50,28 +54,48 @@ class Fed:
 
 
 class SplitControl:
-    """Adjusts a `Split` from how much of its time the main process spends waiting for batches."""
+    """Sets a `Split` so that CPU workers and the device decoder finish their shares together.
 
-    def __init__(self, split: Split):
-        self.split = split
-        self.waited = self.elapsed = 0.0
+    `cpu(images, seconds)`: a worker decoded a batch on the CPU in `seconds` of its time.
+    `device(images, seconds)`: the feeder spent `seconds` decoding and cutting a group on the
+    device. Every WINDOW loader batches, the share moves towards C t / (1 + C t).
+    """
+
+    def __init__(self, split: Split, workers: int):
+        self.split, self.workers = split, workers
+        self.cpu_images = self.device_images = 0
+        self.cpu_seconds = self.device_seconds = 0.0
+        self.per_cpu_image: float | None = None  # one worker's seconds per image
+        self.per_device_image: float | None = None  # the feeder's seconds per device image
         self.seen = 0
         self.history: list[float] = [split.share]
 
-    def observe(self, waited: float, elapsed: float) -> None:
-        self.waited += waited
-        self.elapsed += elapsed
+    def cpu(self, images: int, seconds: float) -> None:
+        self.cpu_images += images
+        self.cpu_seconds += seconds
+
+    def device(self, images: int, seconds: float) -> None:
+        self.device_images += images
+        self.device_seconds += seconds
+
+    def batch_seen(self) -> None:
         self.seen += 1
-        if self.seen < WINDOW or self.elapsed <= 0:
+        if self.seen < WINDOW:
             return
-        waiting = self.waited / self.elapsed
-        if waiting > WAIT_HIGH:
-            self.split.share -= STEP
-        elif waiting < WAIT_LOW:
-            self.split.share += STEP
-        self.history.append(self.split.share)
-        self.waited = self.elapsed = 0.0
         self.seen = 0
+        if self.cpu_images:
+            self.per_cpu_image = self.cpu_seconds / self.cpu_images
+        if self.device_images:
+            self.per_device_image = self.device_seconds / self.device_images
+        self.cpu_images = self.device_images = 0
+        self.cpu_seconds = self.device_seconds = 0.0
+        if not (self.per_cpu_image and self.per_device_image):
+            return
+        capacity = self.workers / self.per_cpu_image  # images/s the CPU workers can decode
+        ct = capacity * self.per_device_image
+        best = min(MAX_SHARE, ct / (1 + ct))
+        self.split.share += SMOOTHING * (best - self.split.share)
+        self.history.append(round(self.split.share, 3))
 
 
 class Feeder:
@@ -92,7 +116,9 @@ class Feeder:
         self.batches, self.spec, self.device = batches, spec, device
         self.views_per_forward = views_per_forward
         self.decoder = decoder
-        self.control = SplitControl(split) if split is not None and adapt else None
+        workers = getattr(batches, "num_workers", 0)
+        adapt = adapt and split is not None and workers > 0  # in-process decoding: no parallel CPU
+        self.control = SplitControl(split, workers) if adapt else None
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
         # None: on CUDA with a device decoder (where the decoder's blocking call can overlap)
@@ -143,7 +169,6 @@ class Feeder:
         group: list[Batch] = []
         views = 0
         batches = iter(self.batches)
-        last = time.perf_counter()
         while True:
             asked = time.perf_counter()
             batch = next(batches, None)
@@ -152,8 +177,10 @@ class Feeder:
             if batch is None:
                 break
             if self.control is not None:
-                self.control.observe(now - asked, now - last)
-            last = now
+                if batch.cpu_seconds:
+                    done = sum(1 for item in batch.items if item.views)
+                    self.control.cpu(done, batch.cpu_seconds)
+                self.control.batch_seen()
             group.append(batch)
             views += sum(self._views(item) for item in batch.items)
             if views >= self.views_per_forward:
@@ -231,7 +258,10 @@ class Feeder:
         for (position, item), views in zip(good, device_views(oriented, self.spec), strict=True):
             item.views = len(views)
             parts[position] = views
-        self.times["cut views"] += time.perf_counter() - decoded
+        finished = time.perf_counter()
+        self.times["cut views"] += finished - decoded
+        if self.control is not None:
+            self.control.device(len(jpegs), finished - started)
         return {k: v for k, v in parts.items() if v is not None}
 
     def _device_decode(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:

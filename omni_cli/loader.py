@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ class Batch:
     items: list[Item]
     pixels: torch.Tensor  # (sum of views, 3, size, size) uint8
     jpegs: torch.Tensor  # (bytes,) uint8: the JPEG files for the device, end to end
+    cpu_seconds: float = 0.0  # the worker's time decoding this batch on the CPU
 
     def pin_memory(self) -> Batch:
         self.pixels = self.pixels.pin_memory()
@@ -98,7 +100,10 @@ class ImageDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list:
         device = self.split is not None and not self.split.cpu()
-        return [self.item(i, device) for i in indices]
+        started = time.perf_counter()
+        results = _Results(self.item(i, device) for i in indices)
+        results.cpu_seconds = 0.0 if device else time.perf_counter() - started
+        return results
 
     def __getitem__(self, index: int):
         return self.item(index, device=False)
@@ -116,6 +121,12 @@ class ImageDataset(Dataset):
             return entry, decode.load(entry.path, self.spec)
         except DecodeError as exc:
             return entry, exc.reason
+
+
+class _Results(list):
+    """A batch's results, and how long the worker spent decoding them on the CPU."""
+
+    cpu_seconds = 0.0
 
 
 def collate(results: list) -> Batch:
@@ -136,7 +147,7 @@ def collate(results: list) -> Batch:
         torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty(0, dtype=torch.uint8)
     )
     jpegs = torch.from_numpy(np.concatenate(files)) if files else torch.empty(0, dtype=torch.uint8)
-    return Batch(items, pixels, jpegs)
+    return Batch(items, pixels, jpegs, getattr(results, "cpu_seconds", 0.0))
 
 
 def default_workers(device: str = "cuda") -> int:

@@ -206,16 +206,25 @@ def test_views_of_one_file_may_span_two_forwards(tmp_path, labels_file):
         np.testing.assert_allclose(row["similarity"], runs[64][path]["similarity"], atol=1e-5)
 
 
-def test_split_is_exact_and_control_follows_the_waiting(tmp_path):
+def test_split_is_exact_and_balances_the_two_decoders():
     split = Split(0.25)
     assert [split.cpu() for _ in range(8)].count(True) == 2
-    control = SplitControl(Split(0.5))
-    for _ in range(8):
-        control.observe(waited=0.5, elapsed=1.0)  # the main process starves: workers are slow
-    assert control.split.share == pytest.approx(0.45)
-    for _ in range(16):
-        control.observe(waited=0.0, elapsed=1.0)  # never waits: the device is the bound
-    assert control.split.share == pytest.approx(0.55)
+    control = SplitControl(Split(0.2), workers=4)
+
+    def window(cpu_ms: float, device_ms: float) -> float:
+        for _ in range(16):
+            control.cpu(10, 10 * cpu_ms / 1000)  # a worker's batch of 10 CPU decodes
+            control.device(10, 10 * device_ms / 1000)  # the feeder's 10 device decodes
+            control.batch_seen()
+        return control.split.share
+
+    # 4 workers at 10 ms an image decode 400/s; the device path takes 2.5 ms an image: both
+    # finish together when 50% go to the CPU. The share moves halfway there per window.
+    assert window(10, 2.5) == pytest.approx(0.35)
+    assert window(10, 2.5) == pytest.approx(0.425)
+    for _ in range(10):
+        share = window(10, 10)  # a slow device path: 80% to the CPU
+    assert share == pytest.approx(0.8, abs=1e-3)
     split = Split(0.98)
     split.share += 0.5
     assert split.share == 1.0
@@ -277,3 +286,14 @@ def test_a_feeding_thread_gives_the_same_groups_and_passes_errors_on(tmp_path):
                     8, decoder=broken, split=Split(0.0), thread=True)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         list(feeder)
+
+
+def test_hybrid_run_with_workers_tags_every_file_once(tmp_path, labels_file):
+    folder = zoo(tmp_path / "zoo")
+    cfg = config(tmp_path, folder, labels_file, "hybrid.parquet", decoder="auto")
+    cfg = TagConfig(**{**cfg.__dict__, "workers": 2})
+    result = tag(cfg, jpeg_decoder=FakeDecoder(refuse=b"REFUSE-ME"))
+    rows = pq.read_table(result.output).to_pylist()
+    assert len(rows) == len({r["path"] for r in rows}) == len(LABELS) + 6
+    assert result.cpu_share is not None and 0.0 <= result.cpu_share <= 1.0
+    assert {r["path"] for r in rows if r["status"] == "error"} == {"truncated.jpg", "notes.jpg"}
