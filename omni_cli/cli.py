@@ -8,6 +8,7 @@ the exit code design.md lists; an interrupted run exits 130 (SIGINT) or 143 (SIG
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -398,6 +399,55 @@ def vram(
     for row in report.rows:
         if row.note:
             console.print(f"{row.precision}: {row.note}", markup=False)
+
+
+@app.command()
+def report(
+    source: Path = typer.Argument(..., help="An `omni tag` output (Parquet)."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
+    per_label: int = typer.Option(24, help="Images shown per label, highest scores first."),
+    labels: str = typer.Option(None, help="Comma list of the labels to show (default: all)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
+) -> None:
+    """Write one self-contained HTML page to look at a tag output.
+
+    Per label, the images that score highest and a histogram of the scores; the images that
+    got no tag; the error rows and their reasons. It opens from disk, with no server and no
+    network. Only the images shown are opened; a file that is gone shows a placeholder.
+    """
+    from .report import ReportConfig, build_report
+
+    def build() -> ReportConfig:
+        wanted = (
+            None if labels is None else tuple(x.strip() for x in labels.split(",") if x.strip())
+        )
+        return ReportConfig(source=source, output=output, per_label=per_label, labels=wanted)
+
+    cfg = _guard(build)
+    with _bar(not quiet and sys.stderr.isatty(), "thumbnails") as progress:
+        result = _guard(lambda: build_report(cfg, progress))
+    if not quiet:
+        for note in result.notes:
+            _say(f"omni: {note}")
+        missing = f" ({result.missing:,} missing or unreadable)" if result.missing else ""
+        typer.echo(
+            f"omni: {result.rows:,} rows, {result.thumbnails:,} images shown{missing}, "
+            f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s -> {result.output}"
+        )
+
+
+@contextlib.contextmanager
+def _bar(show: bool, description: str):
+    """A Rich bar on stderr fed by (done, total) callbacks; None where there is no terminal."""
+    if not show:
+        yield None
+        return
+    with Progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def main() -> None:
