@@ -319,7 +319,7 @@ def test_help_and_report_do_not_import_torch(tmp_path):
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from omni_cli.cli import app\n"
-        "for args in (['report', '--help'],):\n"
+        "for args in (['report', '--help'], ['search', '--help']):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0\n"
         "assert 'torch' not in sys.modules, 'help imported torch'\n"
         f"assert CliRunner().invoke(app, {report_args!r}).exit_code == 0\n"
