@@ -86,7 +86,9 @@ def open_output(path: Path) -> tuple[pq.ParquetFile, dict]:
     if path.is_dir():
         raise UsageError(f"{path} is a folder; give the Parquet file `omni tag` wrote")
     try:
-        file = pq.ParquetFile(path)
+        # No pre-buffering: it keeps every row group read so far, so memory would grow with
+        # the file (measured: 1M rows, 992 MiB peak with it, see benchmarks/report_scale.py).
+        file = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowException, OSError) as exc:
         raise UsageError(
             f"{path} is not a Parquet file ({str(exc).splitlines()[0][:200]})"
