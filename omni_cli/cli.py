@@ -8,6 +8,8 @@ the exit code design.md lists; an interrupted run exits 130 (SIGINT) or 143 (SIG
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -405,6 +407,92 @@ def vram(
     for row in report.rows:
         if row.note:
             console.print(f"{row.precision}: {row.note}", markup=False)
+
+
+@app.command()
+def report(
+    source: Path = typer.Argument(..., help="An `omni tag` output (Parquet)."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
+    per_label: int = typer.Option(24, help="Images shown per label, highest scores first."),
+    labels: str = typer.Option(None, help="Comma list of the labels to show (default: all)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
+) -> None:
+    """Write one self-contained HTML page to look at a tag output.
+
+    Per label, the images that score highest and a histogram of the scores; the images that
+    got no tag; the error rows and their reasons. It opens from disk, with no server and no
+    network. Only the images shown are opened; a file that is gone shows a placeholder.
+    """
+    from .report import ReportConfig, build_report
+
+    def build() -> ReportConfig:
+        wanted = (
+            None if labels is None else tuple(x.strip() for x in labels.split(",") if x.strip())
+        )
+        return ReportConfig(source=source, output=output, per_label=per_label, labels=wanted)
+
+    cfg = _guard(build)
+    with _bar(not quiet and sys.stderr.isatty(), "thumbnails") as progress:
+        result = _guard(lambda: build_report(cfg, progress))
+    if not quiet:
+        for note in result.notes:
+            _say(f"omni: {note}")
+        missing = f" ({result.missing:,} missing or unreadable)" if result.missing else ""
+        typer.echo(
+            f"omni: {result.rows:,} rows, {result.thumbnails:,} images shown{missing}, "
+            f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s -> {result.output}"
+        )
+
+
+@app.command()
+def search(
+    source: Path = typer.Argument(..., help="An output of `omni tag --save-embeddings`."),
+    query: str = typer.Argument(None, help="What to look for, in words."),
+    image: Path = typer.Option(None, "--image", help="Look for images like this one instead."),
+    k: int = typer.Option(20, "-k", help="How many images to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    model: str = typer.Option(
+        None, help="Model for the query (default: the one named in the file, which made them)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Rank the images of a tag output by similarity to a text or to an image.
+
+    Uses the embeddings stored by `omni tag --save-embeddings`: nothing in the archive is
+    decoded again, only the query is encoded (by the model that tagged the file). Scores are
+    cosine similarities. With tiles an image has several views (global, squares, tiles) and
+    its score is its best view's, so a small object seen by one tile is found.
+
+    Exit codes: 0 found; 1 fatal error; 2 usage error, including a file without embeddings.
+    """
+    from .search import search as run_search
+
+    hits, notes = _guard(
+        lambda: run_search(source, text=query, image=image, k=k, model=model, device=device)
+    )
+    for note in notes:
+        _say(f"omni: {note}")
+    if as_json:
+        rows = [{**dataclasses.asdict(h), "score": round(h.score, 4)} for h in hits]
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    typer.echo("rank  score   path")
+    for h in hits:
+        typer.echo(f"{h.rank:>4}  {h.score:.4f}  {Path(h.root) / h.path}")
+
+
+@contextlib.contextmanager
+def _bar(show: bool, description: str):
+    """A Rich bar on stderr fed by (done, total) callbacks; None where there is no terminal."""
+    if not show:
+        yield None
+        return
+    with Progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def main() -> None:

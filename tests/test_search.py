@@ -1,0 +1,180 @@
+"""`omni search`: ranking stored embeddings by a text or an image query, with the fixture model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from omni_cli.cli import app
+from omni_cli.search import load_index, rank
+
+from .conftest import LABELS, MODEL, omni_tag, shape_image
+
+RED = 12  # red circles in the mixed folder; 2 of every other label
+
+
+def omni(*args):
+    return CliRunner().invoke(app, [*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> dict:
+    """A mixed folder tagged once with --save-embeddings, and once without."""
+    base = tmp_path_factory.mktemp("search")
+    folder = base / "photos"
+    folder.mkdir()
+    truth = {}
+    for i in range(RED):
+        name = f"red_circle_{i:02d}.jpg"
+        shape_image("red circle", seed=200 + i).save(folder / name)
+        truth[name] = "red circle"
+    for label in LABELS[1:]:
+        for i in range(2):
+            name = f"{label.replace(' ', '_')}_{i}.png"
+            shape_image(label, seed=300 + i + 7 * LABELS.index(label)).save(folder / name)
+            truth[name] = label
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff cut short")
+    labels = base / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    outputs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMNI_CACHE_DIR", str(base / "cache"))
+        for name, extra in (("emb", ["--save-embeddings"]), ("plain", [])):
+            out = base / f"{name}.parquet"
+            args = [folder, "--labels", labels, "-o", out, "--model", MODEL, "--workers", 0]
+            result = omni_tag(*args, "--precision", "fp32", *extra)
+            assert result.exit_code == 3, result.output  # the broken file
+            outputs[name] = out
+    return {"folder": folder, "truth": truth, **outputs}
+
+
+def found(result) -> list[dict]:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_text_query_finds_red_circles_first(archive):
+    hits = found(omni("search", archive["emb"], "red circle", "-k", 10, "--json"))
+    assert len(hits) == 10
+    assert [archive["truth"][h["path"]] for h in hits] == ["red circle"] * 10  # precision@10
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True) and [h["rank"] for h in hits] == list(
+        range(1, 11)
+    )
+
+
+@pytest.mark.parametrize("label", ["blue triangle", "green square"])
+def test_text_query_for_other_labels(archive, label):
+    hits = found(omni("search", archive["emb"], f"a {label}", "-k", 2, "--json"))
+    assert [archive["truth"][h["path"]] for h in hits] == [label, label]
+
+
+@pytest.mark.parametrize("label", ["red circle", "green triangle", "blue square"])
+def test_image_query_finds_its_own_label_first(archive, tmp_path, label):
+    query = tmp_path / "query.jpg"
+    shape_image(label, seed=999).save(query)  # not in the archive
+    hits = found(omni("search", archive["emb"], "--image", query, "-k", 2, "--json"))
+    assert [archive["truth"][h["path"]] for h in hits] == [label, label]
+    assert all(h["view"] == 0 for h in hits)
+
+
+def test_table_lists_rank_score_path(archive):
+    result = omni("search", archive["emb"], "red circle", "-k", 3)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["rank", "score", "path"]
+    assert len(lines) == 4
+    for n, line in enumerate(lines[1:], 1):
+        rank_, score, path = line.split(maxsplit=2)
+        assert int(rank_) == n and -1 <= float(score) <= 1
+        assert Path(path).parent == archive["folder"] and Path(path).name.startswith("red_circle")
+
+
+def test_error_rows_are_not_ranked(archive):
+    index = load_index(archive["emb"])
+    assert len(index) == len(archive["truth"])  # broken.jpg has no embedding
+    hits = found(omni("search", archive["emb"], "red circle", "-k", 1000, "--json"))
+    assert len(hits) == len(archive["truth"]) and "broken.jpg" not in {h["path"] for h in hits}
+
+
+def test_without_embeddings_names_the_command_that_stores_them(archive):
+    result = omni("search", archive["plain"], "red circle")
+    assert result.exit_code == 2
+    assert "no embeddings" in result.output and "omni tag" in result.output
+    assert "--save-embeddings" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give a text query or --image"),
+        (["red", "--image", "q.jpg"], "give a text query or --image"),
+        (["   "], "the query is empty"),
+        (["red", "-k", 0], "-k must be at least 1"),
+        (["--image", "/no/such/file.jpg"], "no such file"),
+        (["red", "--device", "tpu"], "--device must be"),
+    ],
+)
+def test_usage_errors_exit_2(archive, args, message):
+    result = omni("search", archive["emb"], *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_unreadable_query_image_and_missing_output_exit_2(archive, tmp_path):
+    bad = tmp_path / "q.jpg"
+    bad.write_bytes(b"not an image")
+    result = omni("search", archive["emb"], "--image", bad)
+    assert result.exit_code == 2 and "not an image" in result.output
+    result = omni("search", tmp_path / "nothing.parquet", "red")
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_a_model_that_is_gone_is_fatal(archive, tmp_path):
+    result = omni("search", archive["emb"], "red", "--model", tmp_path / "gone")
+    assert result.exit_code == 1 and "model not found" in result.output
+
+
+def _output_with_views(path: Path, rows: list[tuple[str, list[list[float]] | None]]) -> Path:
+    """An output holding only what search reads: rows of (path, views x dim embeddings)."""
+    meta = {"labels": ["x"], "model": "m", "precision": "fp32"}
+    emb = [None if v is None else np.asarray(v, np.float16).reshape(-1) for _, v in rows]
+    table = pa.table(
+        {
+            "root": ["r"] * len(rows),
+            "path": [p for p, _ in rows],
+            "status": ["ok" if v is not None else "error" for _, v in rows],
+            "views": pa.array([None if v is None else len(v) for _, v in rows], pa.int16()),
+            "embedding": pa.array(emb, pa.list_(pa.float16())),
+        }
+    )
+    pq.write_table(table.replace_schema_metadata({b"omni": json.dumps(meta)}), path)
+    return path
+
+
+def test_an_image_scores_as_its_best_view(tmp_path):
+    s = 1 / np.sqrt(2)
+    out = _output_with_views(
+        tmp_path / "t.parquet",
+        [
+            ("tiled.jpg", [[0, 1, 0], [0, 0, 1], [1, 0, 0]]),  # its third view is the query
+            ("error.jpg", None),
+            ("near.jpg", [[s, s, 0]]),
+            ("far.jpg", [[0, -1, 0]]),
+            ("two.jpg", [[0, 0, -1], [s, 0, s]]),
+        ],
+    )
+    index = load_index(out)
+    assert len(index) == 4 and index.dim == 3 and index.matrix.dtype == torch.float16
+    hits = rank(index, torch.tensor([1.0, 0.0, 0.0]), k=3)
+    assert [(h.path, h.view) for h in hits] == [("tiled.jpg", 2), ("near.jpg", 0), ("two.jpg", 1)]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert hits[1].score == pytest.approx(s, abs=1e-3)
+    with pytest.raises(Exception, match="dimensions"):
+        rank(index, torch.ones(5), k=1)
