@@ -129,7 +129,7 @@ def rank(index: Index, query: torch.Tensor, k: int) -> list[Hit]:
 
 def query_model(meta: dict, model: str | None, device: str) -> ModelConfig:
     """The model that made the embeddings, at the stored precision (fp32 on the CPU)."""
-    from .encoder import resolve_device
+    from .precision import resolve_device
 
     name = model or meta.get("model")
     if not name:
@@ -147,8 +147,8 @@ def encode_query(meta: dict, *, text: str | None, image: Path | None, model: str
                  device: str = "auto") -> tuple[torch.Tensor, list[str]]:  # fmt: skip
     """Encode a text or one image's global view; returns (dim,) float32 on the CPU and notes."""
     from .decode import load
-    from .encoder import load_encoder
     from .errors import DecodeError
+    from .loading import load_encoder
 
     if (text is None) == (image is None):
         raise UsageError("give a text query or --image, not both and not neither")
