@@ -17,7 +17,6 @@ import dataclasses
 import gc
 import os
 import platform
-import re
 import tempfile
 import threading
 import time
@@ -29,61 +28,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import DecodeConfig, ModelConfig, TagConfig
+from .config import BenchConfig, DecodeConfig, TagConfig, parse_resolution
 from .errors import UsageError
 
-RESOLUTIONS = {"1080p": (1920, 1080), "4k": (3840, 2160), "720p": (1280, 720)}
-_WXH = re.compile(r"^(\d+)x(\d+)$")
 NAIVE_BATCH = 8  # the guide's loop
 ENCODER_POOL = 256  # encoder-only cycles over at most this many decoded images
-
-
-def parse_resolution(value: str) -> tuple[int, int]:
-    """`1080p`, `4k`, `720p` or `WxH` -> (width, height)."""
-    key = value.lower()
-    if key in RESOLUTIONS:
-        return RESOLUTIONS[key]
-    match = _WXH.match(key)
-    if not match or min(int(match[1]), int(match[2])) < 16:
-        raise UsageError(f"--resolution must be 1080p, 4k, 720p or WxH (1024x768), not {value}")
-    return int(match[1]), int(match[2])
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """One `omni bench` run. `images` None means synthesise `synthetic` JPEGs at `resolution`."""
-
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(model="random:vit-b-32"))
-    images: Path | None = None
-    synthetic: int = 128
-    resolution: str = "1024x768"
-    workers: int | None = None  # None = the pipeline's default
-    baseline: bool = False
-    baseline_images: int = 256  # the naive loop is slow: it times at most this many images
-    exact: bool = False
-    tiles: str = "off"  # as `tag --tiles`: the encoder stage then encodes every view
-    tile_overlap: float = DecodeConfig.tile_overlap
-    decode: str = "all"  # all | auto | cpu | gpu: which decode modes to time (decode_modes)
-    stages: tuple[str, ...] = ("decode", "encoder", "tag")
-    repeat: int = 1  # rounds; each stage reports its fastest (a shared machine is noisy)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        parse_resolution(self.resolution)
-        if self.images is None and self.synthetic < 1:
-            raise UsageError("--synthetic must be a positive number of images")
-        if self.images is not None and not self.images.is_dir():
-            raise UsageError(f"--images must be a folder: {self.images}")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError("--workers must be >= 0")
-        if self.repeat < 1:
-            raise UsageError("--repeat must be >= 1")
-        if self.decode not in ("all", "auto", "cpu", "gpu"):
-            raise UsageError(f"--decode must be all, auto, cpu or gpu, not '{self.decode}'")
-        DecodeConfig(tiles=self.tiles, tile_overlap=self.tile_overlap)  # the same checks as tag
-        unknown = set(self.stages) - {"decode", "encoder", "tag"}
-        if unknown:
-            raise UsageError(f"unknown bench stages: {', '.join(sorted(unknown))}")
 
 
 @dataclass

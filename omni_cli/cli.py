@@ -1,9 +1,11 @@
 """The `omni` command line: parse options, build a config, call the core, print.
 
 Nothing here decides how work is done. Each command turns its options into the frozen config
-of `config.py`, calls the public API, and renders progress events (a Rich bar on a terminal,
-nothing otherwise) and a one-line summary. The project's errors become a message on stderr and
-the exit code design.md lists; an interrupted run exits 130 (SIGINT) or 143 (SIGTERM).
+of `config.py` (options that several commands share go through the same parser), calls the
+public API, and renders progress events (a Rich bar on a terminal, nothing otherwise) and a
+one-line summary. Every usage mistake is one line `omni: error: ...` and exit 2, before any
+work and before torch is imported; the project's errors become a line and the exit code
+design.md lists; an interrupted run exits 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -15,23 +17,105 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 
 from . import __version__
-from .config import DEFAULT_MODEL, DecodeConfig, ModelConfig, TagConfig
-from .errors import OmniError
+from .config import (
+    ALL_PRECISIONS,
+    DEFAULT_MODEL,
+    BenchConfig,
+    DecodeConfig,
+    ModelConfig,
+    TagConfig,
+    VramConfig,
+    parse_batch,
+    parse_bytes,
+    parse_device,
+    parse_overlap,
+    parse_precision,
+    parse_size,
+    parse_tiles,
+)
+from .errors import OmniError, Terminated, UsageError
+
+
+class _OptionError(typer.BadParameter):
+    """A bad option value, said in omni's own words (click would prefix 'Invalid value')."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def _click_error(exc: BaseException) -> bool:
+    """A click usage or command error (typer vendors click in some versions: no isinstance)."""
+    return hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
+
+
+class _Group(TyperGroup):
+    """Click's usage errors as one line on stderr and exit 2, like the project's own."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.Abort:
+            _say("omni: interrupted", "error", exit_code=130)
+            sys.exit(130)
+        except Exception as exc:
+            if not _click_error(exc):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `omni` alone: the help
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            command = " ".join(["omni", *ctx.command_path.split()[1:]]) if ctx else "omni"
+            hint = f" (see '{command} --help')" if exc.exit_code == 2 else ""
+            _say(f"omni: error: {exc.format_message()}{hint}", "error", exit_code=exc.exit_code)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Group,
     help="Batch zero-shot image tagging with CLIP: folders of images in, Parquet out.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-err = Console(stderr=True, highlight=False)
+
+
+def _plain_argument_help() -> None:
+    """Typer 0.29 shows arguments as `{paths}...` and `<list[Path]>`: show them as click does."""
+    argument = getattr(typer.core, "TyperArgument", None)
+    if argument is None:
+        return
+    argument.display_type = lambda self, ctx: ""
+    argument._usage_display_name = lambda self: (
+        (self.metavar or self.name.upper()) + ("..." if self.nargs != 1 else "")
+    )
+
+
+_plain_argument_help()
+
+
+def _check(parse: Callable, option: str):
+    """A Typer callback running one of config.py's parsers: its message, exit 2."""
+
+    def callback(value):
+        if value is None:
+            return None
+        try:
+            return parse(value, option)
+        except UsageError as exc:
+            raise _OptionError(str(exc)) from None
+
+    return callback
 
 
 def _version(value: bool) -> None:
@@ -50,80 +134,172 @@ def _main(
     _log.json = False  # per invocation: `tag --log-json` turns it on for its own run
 
 
-def _batch(value: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise typer.BadParameter("must be a positive integer or 'auto'") from None
+# Options that several commands share: one definition, one parser.
+def _model_option(default: str = DEFAULT_MODEL, extra: str = ""):
+    return typer.Option(
+        default, metavar="MODEL", help=f"Hugging Face hub id or local model folder{extra}."
+    )
 
 
-def _bytes(value: str | None, option: str) -> int | None:
-    from .vram import parse_bytes
+def _device_option():
+    return typer.Option(
+        "auto",
+        metavar="DEVICE",
+        callback=_check(parse_device, "--device"),
+        help="auto, cpu, cuda, cuda:N or mps.",
+    )
 
-    return None if value is None else parse_bytes(value, option)
+
+def _precision_option():
+    return typer.Option(
+        "auto",
+        metavar="PRECISION",
+        callback=_check(parse_precision, "--precision"),
+        help="auto, fp32, fp16, bf16, int8 or nf4. auto: bf16 where the device "
+        "computes it natively, else fp16 on GPUs, fp32 on CPUs.",
+    )
+
+
+def _batch_option():
+    return typer.Option(
+        "auto",
+        metavar="N|auto",
+        callback=_check(parse_batch, "--batch"),
+        help="Views per encoder forward (an image is one view, more with "
+        "--tiles), or auto: the most that fit on a GPU, 32 on a CPU.",
+    )
+
+
+def _tiles_option():
+    return typer.Option(
+        "off",
+        metavar="off|auto|RxC",
+        callback=_check(parse_tiles, "--tiles"),
+        help="Also score square tiles of large images: auto, or a fixed grid "
+        "of R rows and C columns.",
+    )
+
+
+def _overlap_option():
+    return typer.Option(
+        0.5,
+        metavar="FRACTION",
+        callback=_check(parse_overlap, "--tile-overlap"),
+        help="Overlap between neighbouring tiles, in [0, 0.9).",
+    )
+
+
+def _workers_option():
+    return typer.Option(
+        None,
+        metavar="N",
+        min=0,
+        help="Decode worker processes (default: on a GPU one per core but one; "
+        "on a CPU cores // 8).",
+    )
 
 
 @app.command()
 def tag(
-    paths: list[Path] = typer.Argument(..., help="Folders or image files to tag."),
-    labels: Path = typer.Option(..., "--labels", "-l", help="Labels file: one label per line."),
+    paths: list[Path] = typer.Argument(..., metavar="PATH", help="Folders or image files."),
+    labels: Path = typer.Option(
+        ..., "--labels", "-l", metavar="FILE", help="Labels file: one label per line."
+    ),
     output: Path = typer.Option(
-        Path("tags.parquet"), "--output", "-o", help="Parquet file to write."
+        Path("tags.parquet"),
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Parquet file to write (its folder is created).",
     ),
-    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", help="auto, fp32, fp16, bf16, int8 or nf4."),
-    batch: str = typer.Option("auto", help="Images per encoder batch, or 'auto'."),
+    model: str = _model_option(),
+    device: str = _device_option(),
+    precision: str = _precision_option(),
+    batch: str = _batch_option(),
     max_gpu_memory: str = typer.Option(
-        None, help="Cap on GPU memory for the model (e.g. 6GiB); the rest is placed on the CPU."
+        None,
+        metavar="SIZE",
+        callback=_check(parse_bytes, "--max-gpu-memory"),
+        help="Cap on GPU memory for the model (e.g. 6GiB); the rest is placed on the CPU.",
     ),
-    workers: int = typer.Option(
-        None, help="Decode worker processes (default: GPU one per core, at most 8; CPU cores // 8)."
+    workers: int = _workers_option(),
+    decode: str = typer.Option(
+        "auto",
+        metavar="auto|cpu|gpu",
+        help="Where JPEGs are decoded. auto: on a CUDA GPU with "
+        "torchvision's nvJPEG, split between the GPU and the CPU "
+        "workers as measured while running; else the CPU.",
     ),
-    template: str = typer.Option("a photo of a {}.", help="Prompt with {}, or 'imagenet' (80)."),
-    top_k: int = typer.Option(5, help="Tags kept in top_labels."),
-    threshold: float = typer.Option(None, help="Keep only top tags with probability >= this."),
+    template: str = typer.Option(
+        "a photo of a {}.",
+        metavar="TEXT",
+        help="Prompt with {} for the label; or imagenet (the CLIP "
+        "paper's 80 prompts, averaged); or none (the label alone).",
+    ),
+    top_k: int = typer.Option(5, min=0, metavar="K", help="Most tags kept in top_labels."),
+    threshold: float = typer.Option(
+        None, min=0.0, max=1.0, metavar="T", help="Keep only tags whose probability is >= T."
+    ),
     recursive: bool = typer.Option(True, help="Descend into sub-folders."),
     exact: bool = typer.Option(
-        False, help="Decode and resize exactly as transformers does (slower; no JPEG draft)."
+        False,
+        help="Decode and resize exactly as transformers' PIL image processor does "
+        "(slower: no JPEG draft decoding, the model's own filter; on the CPU).",
     ),
-    tiles: str = typer.Option("off", help="off, auto or RxC: also score square tiles."),
-    tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles (fraction)."),
-    decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto, cpu or gpu."),
-    max_pixels: int = typer.Option(DecodeConfig.max_pixels, help="Refuse larger images."),
-    save_embeddings: bool = typer.Option(False, help="Store every view's embedding (float16)."),
+    tiles: str = _tiles_option(),
+    tile_overlap: float = _overlap_option(),
+    max_pixels: int = typer.Option(
+        DecodeConfig.max_pixels,
+        min=1,
+        metavar="N",
+        help="Refuse larger images (decompression bombs).",
+    ),
+    save_embeddings: bool = typer.Option(
+        False,
+        help="Store every view's embedding (float16): for omni search, and to rescore "
+        "new labels without decoding again.",
+    ),
     resume: bool = typer.Option(True, help="Pick up rows flushed by an interrupted run."),
-    full: bool = typer.Option(False, help="Re-tag everything, ignoring the previous output."),
-    flush_rows: int = typer.Option(1024, help="Rows per crash-safe flush to OUT.partial/."),
+    full: bool = typer.Option(
+        False,
+        help="Re-tag everything: ignore the previous output and an interrupted run, "
+        "even if they were made with other options.",
+    ),
+    flush_rows: int = typer.Option(
+        1024, min=1, metavar="N", help="Rows per crash-safe flush to OUT.partial/."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
     log_json: bool = typer.Option(
         False, "--log-json", help="JSON lines on stdout (notes, summary, errors) for machines."
     ),
-    engine: str = typer.Option("local", help="local, or ray: run on a Ray cluster (extra [ray])."),
+    engine: str = typer.Option(
+        "local", metavar="local|ray", help="ray: run on a Ray cluster (pip install -e '.[ray]')."
+    ),
     ray_address: str = typer.Option(
-        None, help="With --engine ray: the cluster's HOST:PORT (default: start a local one)."
+        None,
+        metavar="HOST:PORT",
+        help="With --engine ray: the cluster's address (default: start a local one).",
     ),
     ray_tmp: Path = typer.Option(
-        None, help="With --engine ray: the local cluster's temp folder (default: TMP/omni-ray)."
+        None,
+        metavar="DIR",
+        help="With --engine ray: the local cluster's temp folder.",
     ),
 ) -> None:
-    """Tag every image under PATHS with its similarity to each label, into one Parquet file.
+    """Tag every image under PATH... with its similarity to each label, into one Parquet file.
+
+    Incremental: files unchanged since the last run are carried over; when nothing changed
+    the output is left as it is, without loading the model. A previous output made with
+    another model, precision, preprocessing or tiling is not replaced unless --full.
 
     Exit codes: 0 all tagged; 1 fatal error; 2 usage error; 3 finished, but some files could
-    not be read (they are `error` rows); 4 another run holds the output's lock.
+    not be read (they are `error` rows); 4 another run holds the output's lock; 130/143
+    interrupted (finished rows are saved: rerun to resume).
     """
-    from .pipeline import tag as run_tag
-
     if engine not in ("local", "ray"):
-        raise typer.BadParameter("must be local or ray", param_hint="--engine")
+        raise _OptionError(f"--engine must be local or ray, not '{engine}'")
     if engine == "local" and (ray_address or ray_tmp):
-        raise typer.BadParameter("needs --engine ray", param_hint="--ray-address/--ray-tmp")
-    if engine == "ray":
-        from .ray_engine import tag_ray
-
-        run_tag = functools.partial(tag_ray, address=ray_address, tmp_dir=ray_tmp)
+        raise _OptionError("--ray-address and --ray-tmp need --engine ray")
 
     def build() -> TagConfig:
         return TagConfig(
@@ -134,8 +310,8 @@ def tag(
                 model=model,
                 device=device,
                 precision=precision,
-                batch=_batch(batch),
-                max_gpu_memory=_bytes(max_gpu_memory, "--max-gpu-memory"),
+                batch=batch,
+                max_gpu_memory=max_gpu_memory,
             ),
             decode=DecodeConfig(
                 decoder=decode,
@@ -157,16 +333,29 @@ def tag(
 
     _log.json = log_json
     cfg = _guard(build)
+    from .pipeline import tag as run_tag
+
+    if engine == "ray":
+        from .ray_engine import tag_ray
+
+        run_tag = functools.partial(tag_ray, address=ray_address, tmp_dir=ray_tmp)
     show_bar = not quiet and not log_json and sys.stderr.isatty()
     with _Reporter(show_bar, quiet) as reporter:
         result = _guard(lambda: run_tag(cfg, reporter))
+    _summary(result, quiet, log_json)
+    raise typer.Exit(result.exit_code)
+
+
+def _summary(result, quiet: bool, log_json: bool) -> None:
     if log_json:
         _log.emit(
             "summary",
             output=str(result.output),
             files=result.files,
             tagged=result.tagged,
+            failed=result.failed,
             carried=result.carried,
+            unchanged=result.unchanged,
             errors=len(result.errors),
             seconds=round(result.seconds, 3),
             images_per_second=round(result.images_per_second, 2),
@@ -175,19 +364,27 @@ def tag(
             exit_code=result.exit_code,
             error_files=[{"root": r, "path": p, "error": e} for r, p, e in result.errors[:1000]],
         )
-    elif not quiet:
-        rate = f"{result.images_per_second:,.1f} images/s"
-        carried = f", {result.carried:,} carried over" if result.carried else ""
+        return
+    if quiet:
+        return
+    if result.unchanged:
+        kept = f" ({len(result.errors):,} error rows kept)" if result.errors else ""
         typer.echo(
-            f"omni: {result.files:,} files, {result.tagged:,} tagged{carried}, "
-            f"{len(result.errors):,} errors, {rate} ({result.precision}, batch {result.batch})"
+            f"omni: {result.files:,} files, nothing changed since the last run{kept}: "
+            f"{result.output} left as it was"
+        )
+    else:
+        carried = f", {result.carried:,} carried over" if result.carried else ""
+        rate = f"{result.images_per_second:,.1f} images/s" if result.tagged else "nothing to tag"
+        typer.echo(
+            f"omni: {result.files:,} files, {result.tagged:,} tagged, {result.failed:,} failed"
+            f"{carried}; {rate} ({result.precision}, {result.batch} views per forward)"
             f" -> {result.output}"
         )
-        for root, path, reason in result.errors[:20]:
-            _say(f"  error: {Path(root) / path}: {reason}")
-        if len(result.errors) > 20:
-            _say(f"  ... {len(result.errors) - 20:,} more: see status = 'error' rows")
-    raise typer.Exit(result.exit_code)
+    for root, path, reason in result.errors[:20]:
+        _say(f"  error: {Path(root) / path}: {reason}")
+    if len(result.errors) > 20:
+        _say(f"  ... {len(result.errors) - 20:,} more: see status = 'error' rows")
 
 
 class _Log:
@@ -214,18 +411,20 @@ def _guard(fn):
     """Run fn; turn the project's errors and interrupts into a message and an exit code."""
     try:
         return fn()
+    except typer.Exit:
+        raise
     except OmniError as exc:
         _say(f"omni: error: {exc}", "error", exit_code=exc.exit_code)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        _say("omni: interrupted; finished rows are saved, rerun to resume", "error", exit_code=130)
+        _say("omni: interrupted before any row was finished", "error", exit_code=130)
         raise typer.Exit(130) from None
-    except _Terminated:
-        _say("omni: terminated; finished rows are saved, rerun to resume", "error", exit_code=143)
+    except Terminated:
+        _say("omni: terminated before any row was finished", "error", exit_code=143)
         raise typer.Exit(143) from None
     except Exception as exc:  # a bug: one line for cron, the traceback with OMNI_DEBUG=1
-        if os.environ.get("OMNI_DEBUG"):
-            raise
+        if _click_error(exc) or os.environ.get("OMNI_DEBUG"):
+            raise  # a usage error: _Group reports it
         _say(
             f"omni: internal error: {type(exc).__name__}: {exc} "
             "(rerun with OMNI_DEBUG=1 for the traceback)",
@@ -235,28 +434,12 @@ def _guard(fn):
         raise typer.Exit(1) from None
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that the pipeline flushes like on Ctrl-C."""
-
-
 class _Reporter:
     """Renders pipeline Progress events: a Rich bar on a terminal, notes otherwise."""
 
     def __init__(self, bar: bool, quiet: bool):
         self.quiet = quiet
-        self.progress = (
-            Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[errors]} errors"),
-                TimeRemainingColumn(),
-                console=err,
-                transient=True,
-            )
-            if bar
-            else None
-        )
+        self.progress = _progress() if bar else None
         self.task = None
 
     def __enter__(self):
@@ -289,39 +472,69 @@ class _Reporter:
         )
 
 
+def _progress(*columns):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = columns or (TextColumn("{task.fields[errors]} errors"),)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *columns,
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
 def _raise_terminated(signum, frame):
-    raise _Terminated()
+    raise Terminated()
 
 
 @app.command()
 def bench(
-    model: str = typer.Option("random:vit-b-32", help="Hub id, local folder or random:ARCH."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", help="auto, fp32, fp16, bf16."),
-    batch: str = typer.Option("auto", help="Images per encoder batch, or 'auto'."),
-    workers: int = typer.Option(None, help="Decode worker processes (default: as `tag`)."),
-    images: Path = typer.Option(None, help="Folder of images to time (default: synthetic)."),
-    synthetic: int = typer.Option(128, help="Synthesise this many JPEGs when no --images."),
-    resolution: str = typer.Option("1024x768", help="Synthetic size: 1080p, 4k, 720p or WxH."),
-    baseline: bool = typer.Option(False, help="Also time the naive loop (CLIPProcessor, fp32)."),
+    model: str = _model_option("random:vit-b-32", ", or random:vit-b-32 / random:vit-l-14"),
+    device: str = _device_option(),
+    precision: str = _precision_option(),
+    batch: str = _batch_option(),
+    workers: int = _workers_option(),
+    images: Path = typer.Option(
+        None, metavar="DIR", help="Folder of images to time (default: synthetic JPEGs)."
+    ),
+    synthetic: int = typer.Option(
+        128, min=1, metavar="N", help="Synthesise this many JPEGs when no --images."
+    ),
+    resolution: str = typer.Option(
+        "1024x768", metavar="SIZE", help="Synthetic size: 1080p, 4k, 720p or WxH."
+    ),
+    baseline: bool = typer.Option(
+        False, help="Also time the naive loop: CLIPProcessor per batch of 8, full forward, fp32."
+    ),
     exact: bool = typer.Option(False, help="Decode and resize as transformers does (slower)."),
-    tiles: str = typer.Option("off", help="off, auto or RxC, as `tag --tiles`."),
-    tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles."),
-    decode: str = typer.Option("all", help="Decode modes to time: all, auto, cpu or gpu."),
-    repeat: int = typer.Option(1, help="Rounds; each stage reports its fastest."),
-    json_file: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    tiles: str = _tiles_option(),
+    tile_overlap: float = _overlap_option(),
+    decode: str = typer.Option(
+        "all",
+        metavar="all|auto|cpu|gpu",
+        help="Decode modes to time: all (cpu, gpu and hybrid on a GPU with nvJPEG), or one.",
+    ),
+    repeat: int = typer.Option(1, min=1, metavar="N", help="Rounds; each stage keeps its best."),
+    json_file: Path = typer.Option(
+        None, "--json", metavar="FILE", help="Also write the report as JSON here."
+    ),
 ) -> None:
-    """Time decode-only, encoder-only, end-to-end `tag` (and the naive loop) side by side."""
-    from .bench import BenchConfig, render, run_bench
+    """Time decode only, encoder only and end-to-end `tag` side by side, and where time goes."""
 
-    def build() -> BenchConfig:
+    def build():
         return BenchConfig(
-            model=ModelConfig(
-                model=model,
-                device=device,
-                precision=precision,
-                batch=_batch(batch),
-            ),
+            model=ModelConfig(model=model, device=device, precision=precision, batch=batch),
             images=images,
             synthetic=synthetic,
             resolution=resolution,
@@ -335,36 +548,65 @@ def bench(
         )
 
     cfg = _guard(build)
+    from rich.console import Console
+
+    from .bench import render, run_bench
+
+    err = Console(stderr=True, highlight=False)
     report = _guard(lambda: run_bench(cfg, lambda m: err.print(f"omni: {m}", markup=False)))
-    render(report, Console(highlight=False))
+    render(report, _console())
     if json_file is not None:
         json_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def _console():
+    """stdout for tables: as wide as a terminal, or wide enough when piped to a file."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
 @app.command()
 def vram(
-    model: str = typer.Option(DEFAULT_MODEL, help="Hub id, local folder or random:ARCH."),
-    precision: str = typer.Option("all", help="all, or a comma list of fp32,fp16,bf16,int8,nf4."),
-    batch: str = typer.Option("1,16,64,256", help="Batch sizes (images) to estimate, comma list."),
-    tiles: str = typer.Option("off", help="off, auto or RxC: views per image as `tag` makes."),
-    tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles, as `tag`."),
-    image: str = typer.Option("3840x2160", help="WIDTHxHEIGHT the tiles are counted for."),
-    budget: str = typer.Option(None, help="Memory to fit in, e.g. 8GiB (default: free memory)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    measure: bool = typer.Option(False, help="Also run the model and measure peaks."),
+    model: str = _model_option(extra=", or random:vit-b-32 / random:vit-l-14"),
+    precision: str = typer.Option(
+        "all", metavar="PRECISIONS", help="all, or a comma list of fp32,fp16,bf16,int8,nf4."
+    ),
+    batch: str = typer.Option(
+        "1,16,64,256", metavar="N,N,...", help="Views per forward to estimate, as tag --batch."
+    ),
+    tiles: str = _tiles_option(),
+    tile_overlap: float = _overlap_option(),
+    image: str = typer.Option(
+        "3840x2160",
+        metavar="WxH",
+        callback=_check(parse_size, "--image"),
+        help="Image size the tiles are counted for.",
+    ),
+    budget: str = typer.Option(
+        None,
+        metavar="SIZE",
+        callback=_check(parse_bytes, "--budget"),
+        help="Memory to fit in, e.g. 8GiB (default: free memory).",
+    ),
+    device: str = typer.Option(
+        "auto",
+        metavar="DEVICE",
+        callback=_check(parse_device, "--device"),
+        help="auto, cpu, cuda or cuda:N.",
+    ),
+    measure: bool = typer.Option(False, help="Also run the model and measure the peaks."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Will it fit? Weight and activation memory per precision, and the largest batch."""
-    from .vram import ALL_PRECISIONS, VramConfig, estimate, human, parse_bytes
+    """Will it fit? Weight and activation memory per precision, and the most views per forward."""
 
-    def build() -> VramConfig:
+    def build():
         try:
-            batches = tuple(int(b) for b in batch.split(","))
-            size = tuple(int(n) for n in image.lower().split("x"))
-        except ValueError:
-            raise typer.BadParameter("--batch takes integers, --image WIDTHxHEIGHT") from None
-        if len(size) != 2:
-            raise typer.BadParameter("--image must be WIDTHxHEIGHT, e.g. 3840x2160")
+            batches = tuple(parse_batch(b.strip(), "--batch") for b in batch.split(","))
+        except UsageError:
+            raise UsageError(
+                f"--batch takes whole numbers of views, e.g. 1,16,256, not '{batch}'"
+            ) from None
         precisions = ALL_PRECISIONS if precision == "all" else tuple(precision.split(","))
         return VramConfig(
             model=model,
@@ -372,49 +614,34 @@ def vram(
             batches=batches,
             tiles=tiles,
             tile_overlap=tile_overlap,
-            image=size,
-            budget=parse_bytes(budget) if budget else None,
+            image=image,
+            budget=budget,
             device=device,
             measure=measure,
         )
 
-    report = _guard(lambda: estimate(_guard(build)))
+    cfg = _guard(build)
+    from .vram import estimate, render
+
+    report = _guard(lambda: estimate(cfg))
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
         return
-    from rich.table import Table
-
-    views = f", {report.views} views per image" if report.views > 1 else ""
-    table = Table(title=f"{report.model} on {report.device}: budget {human(report.budget)} "
-                  f"({report.budget_source}){views}")  # fmt: skip
-    table.add_column("precision")
-    table.add_column("weights", justify="right")
-    table.add_column("per image", justify="right")
-    for b in report.rows[0].estimates:
-        table.add_column(f"batch {b}", justify="right")
-    table.add_column("max batch", justify="right")
-    for row in report.rows:
-        cells = []
-        for b, est in row.estimates.items():
-            got = row.measured.get(b)
-            cells.append(human(est) + (f" ({human(got)})" if got else ""))
-        fits = "offload" if row.offload else str(row.max_batch)
-        table.add_row(row.precision, human(row.weights), human(row.per_image), *cells, fits)
-    console = Console(highlight=False)
-    console.print(table)
-    if measure:
-        console.print("estimate (measured peak) per batch; peaks are weights + activations")
-    for row in report.rows:
-        if row.note:
-            console.print(f"{row.precision}: {row.note}", markup=False)
+    render(report, _console(), measured=measure)
 
 
 @app.command()
 def report(
-    source: Path = typer.Argument(..., help="An `omni tag` output (Parquet)."),
-    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
-    per_label: int = typer.Option(24, help="Images shown per label, highest scores first."),
-    labels: str = typer.Option(None, help="Comma list of the labels to show (default: all)."),
+    source: Path = typer.Argument(..., metavar="OUT.parquet", help="An `omni tag` output."),
+    output: Path = typer.Option(
+        Path("report.html"), "--output", "-o", metavar="FILE", help="HTML file to write."
+    ),
+    per_label: int = typer.Option(
+        24, min=1, metavar="N", help="Images shown per label, highest scores first."
+    ),
+    labels: str = typer.Option(
+        None, metavar="A,B,...", help="Comma list of the labels to show (default: all)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
 ) -> None:
     """Write one self-contained HTML page to look at a tag output.
@@ -446,15 +673,21 @@ def report(
 
 @app.command()
 def search(
-    source: Path = typer.Argument(..., help="An output of `omni tag --save-embeddings`."),
-    query: str = typer.Argument(None, help="What to look for, in words."),
-    image: Path = typer.Option(None, "--image", help="Look for images like this one instead."),
-    k: int = typer.Option(20, "-k", help="How many images to list."),
+    source: Path = typer.Argument(
+        ..., metavar="OUT.parquet", help="An output of `omni tag --save-embeddings`."
+    ),
+    query: str = typer.Argument(None, metavar="QUERY", help="What to look for, in words."),
+    image: Path = typer.Option(
+        None, "--image", metavar="FILE", help="Look for images like this one instead."
+    ),
+    k: int = typer.Option(20, "-k", metavar="K", help="How many images to list."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     model: str = typer.Option(
-        None, help="Model for the query (default: the one named in the file, which made them)."
+        None,
+        metavar="MODEL",
+        help="Model for the query (default: the one named in the file, which made them).",
     ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str = _device_option(),
 ) -> None:
     """Rank the images of a tag output by similarity to a text or to an image.
 
@@ -487,11 +720,8 @@ def _bar(show: bool, description: str):
     if not show:
         yield None
         return
-    with Progress(
-        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err, transient=True,
-    ) as progress:  # fmt: skip
-        task = progress.add_task(description, total=None)
+    with _progress() as progress:
+        task = progress.add_task(description, total=None, errors=0)
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 

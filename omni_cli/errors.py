@@ -48,3 +48,15 @@ class DecodeError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a run flushes its rows as on Ctrl-C."""
+
+
+class Interrupted(OmniError):
+    """A run stopped by SIGINT (exit 130) or SIGTERM (143) after saving what was finished."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -16,8 +16,10 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a classifier is built: parsing labels needs none
+    import torch
 
 from .errors import LabelsError, UsageError
 
@@ -54,7 +56,7 @@ IMAGENET_TEMPLATES = (
 
 NAMED_TEMPLATES: dict[str, tuple[str, ...]] = {
     "imagenet": IMAGENET_TEMPLATES,
-    "none": ("{}",),
+    "none": ("{}",),  # the label itself is the prompt
 }
 
 
@@ -132,6 +134,8 @@ def classifier(
     batch: int = 256,
 ) -> torch.Tensor:
     """Encode every prompt, average per label and normalise: returns (dim, labels) float32."""
+    import torch
+
     flat = [p for group in prompts for p in group]
     chunks = [encode_texts(flat[i : i + batch]) for i in range(0, len(flat), batch)]
     emb = torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)  # (prompts, dim)
@@ -160,6 +164,8 @@ def cached_classifier(
 
     A cache that cannot be read or written is ignored: it only ever saves time.
     """
+    import torch
+
     digest = hashlib.sha256(json.dumps([model_key, list(prompts)]).encode()).hexdigest()[:32]
     path = cache_dir() / "labels" / f"{digest}.pt"
     try:

@@ -2,39 +2,43 @@
 
 It knows nothing about terminals: progress goes to a callback as `Progress` events, and the
 result comes back as a `TagResult`. Before any work it validates the labels, the inputs and the
-output, takes the output's lock, and works out what is already done: rows flushed by an
-interrupted run (`OUT.partial/`) and, for an incremental run, rows of the previous output whose
-files are unchanged. Only the rest is decoded and encoded.
+output, takes the output's lock and lists the files. If the previous output already holds
+every file as it is now, asked for the same way, the run ends there: the output is left as it
+was, and neither torch nor transformers is imported (this module imports them only past that
+point). Otherwise it loads the model, works out what is already done (rows flushed by an
+interrupted run, rows of the previous output whose files are unchanged) and tags the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from . import __version__, scoring
+from . import __version__, hub
 from .config import TagConfig
-from .decode import Preprocess
-from .devdecode import JpegDecoder
-from .encoder import Encoder
-from .feed import Feeder, choose_decoder
-from .labels import Label, cached_classifier, prompts_for, read_labels
-from .loader import default_workers, files_per_batch, make_loader
-from .loading import load_encoder
+from .errors import Interrupted, Terminated
+from .labels import Label, prompts_for, read_labels
 from .lock import OutputLock
-from .rows import Tagger
-from .sink import Sink, check_writable, schema
+from .sink import Sink, check_writable, partial_dir, schema
 from .sources import FileEntry, check_inputs, discover
-from .state import Plan, plan_work
+from .state import Plan, plan_work, unchanged
+
+if TYPE_CHECKING:
+    import torch
+
+    from .decode import Preprocess
+    from .devdecode import JpegDecoder
+    from .encoder import Encoder
+    from .feed import Feeder
+    from .rows import Tagger
 
 
 @dataclass
@@ -52,15 +56,17 @@ class Progress:
 class TagResult:
     output: Path
     files: int  # rows in the output
-    tagged: int  # files decoded and encoded in this run
-    carried: int  # rows kept from the previous output or a partial run
-    errors: list[tuple[str, str, str]] = field(default_factory=list)  # (root, path, reason)
+    tagged: int  # files tagged in this run
+    failed: int  # files this run could not read (error rows written now)
+    carried: int  # rows kept from the previous output or an interrupted run
+    errors: list[tuple[str, str, str]] = field(default_factory=list)  # every error row
     seconds: float = 0.0
     precision: str = ""
     batch: int = 0  # views per forward
     device_decoded: int = 0  # files whose JPEG the device decoded
     cpu_share: float | None = None  # final share of batches the CPU workers decoded (hybrid)
     times: dict[str, float] = field(default_factory=dict)  # seconds per activity: where it went
+    unchanged: bool = False  # nothing to do: the output was left as it was
 
     @property
     def exit_code(self) -> int:
@@ -68,7 +74,8 @@ class TagResult:
 
     @property
     def images_per_second(self) -> float:
-        return self.tagged / self.seconds if self.seconds > 0 else 0.0
+        done = self.tagged + self.failed
+        return done / self.seconds if self.seconds > 0 else 0.0
 
 
 def tag(
@@ -86,11 +93,17 @@ def tag(
     with OutputLock(cfg.output):
         emit(Progress("scan", message="listing files"))
         entries = list(discover(cfg.inputs, recursive=cfg.recursive))
+        if not entries:
+            where = ", ".join(map(str, cfg.inputs))
+            emit(Progress("note", message=f"no image files found under {where}"))
+        kept = unchanged(cfg, entries, request(cfg, labels, prompts))
+        if kept is not None:
+            return TagResult(cfg.output, len(entries), 0, 0, len(entries), kept, unchanged=True)
         emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
         encoder, classifier = load_model(cfg, prompts, emit)
         plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
         feeder = make_feeder(cfg, encoder, plan.todo, jpeg_decoder)
-        result = write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder)
+        result = write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder, tagger)
         result.times = {**feeder.times, **tagger.times}
         return result
 
@@ -99,6 +112,9 @@ def make_feeder(
     cfg: TagConfig, encoder: Encoder, todo: list[FileEntry], jpeg_decoder=None
 ) -> Feeder:
     """Loader and feeder for the files to tag: workers, files per batch, where JPEGs decode."""
+    from .feed import Feeder, choose_decoder
+    from .loader import default_workers, files_per_batch, make_loader
+
     spec = decode_spec(cfg, encoder)
     device = encoder.device
     decoder, split, adapt = choose_decoder(cfg.decode.decoder, device, cfg.decode.exact,
@@ -116,10 +132,12 @@ def write_rows(
     rows: Iterable[pa.RecordBatch],
     emit: Callable[[Progress], None],
     feeder: Feeder | None = None,
+    tagger: Tagger | None = None,
 ) -> TagResult:
     """Stream an engine's output rows into the sink, then finish the output atomically.
 
-    Whatever finished is flushed when anything goes wrong, Ctrl-C included, so a rerun resumes.
+    Whatever finished is flushed when anything goes wrong, so a rerun resumes; an interrupt
+    becomes `Interrupted`, saying how many rows are saved.
     """
     sink = Sink(cfg.output, plan.schema, part_rows=cfg.flush_rows)
     started = time.perf_counter()
@@ -134,16 +152,21 @@ def write_rows(
             errors += zip(*columns, strict=True)
             done += batch.num_rows
             emit(Progress("tag", done, len(plan.todo), len(errors), "tagging"))
+    except (KeyboardInterrupt, Terminated) as exc:
+        sink.close()
+        raise _interrupted(exc, sink.saved + plan.resumed, cfg.output) from None
     except BaseException:
         sink.close()
         raise
     seconds = time.perf_counter() - started
     emit(Progress("finish", done, len(plan.todo), len(errors), "writing output"))
-    total = sink.finish(plan.carried(), keep=plan.matches)
+    rescore = tagger.rescore if tagger is not None else None
+    total = sink.finish(plan.carried(rescore), keep=plan.matches)
     return TagResult(
         cfg.output,
         total,
-        done,
+        done - len(errors),
+        len(errors),
         total - done,
         plan.carried_errors + errors,
         seconds,
@@ -151,6 +174,17 @@ def write_rows(
         encoder.batch,
         feeder.device_decoded if feeder else 0,
         feeder.control.split.share if feeder and feeder.control else None,
+    )
+
+
+def _interrupted(exc: BaseException, saved: int, output: Path) -> Interrupted:
+    what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    if not saved:
+        return Interrupted(f"{what} before any row was finished; nothing was saved", code)
+    return Interrupted(
+        f"{what}: {saved:,} finished rows are saved in {partial_dir(output)}; "
+        "rerun the same command to resume",
+        code,
     )
 
 
@@ -163,13 +197,40 @@ def prepare(cfg: TagConfig) -> tuple[list[Label], list[tuple[str, ...]]]:
     return labels, prompts
 
 
+def request(cfg: TagConfig, labels: list[Label], prompts) -> dict:
+    """How this run is asked for, in terms knowable without torch: equal requests over
+    unchanged files give the same output, so a rerun can stop before loading anything."""
+    return {
+        "model": cfg.model.model,
+        "revision": hub.revision(cfg.model.model),
+        "precision": cfg.model.precision,
+        "preprocess": "exact" if cfg.decode.exact else "draft",
+        "tiles": cfg.decode.tiles,
+        "tile_overlap": cfg.decode.tile_overlap,
+        "max_pixels": cfg.decode.max_pixels,
+        "labels": [lab.name for lab in labels],
+        "prompts": [list(p) for p in prompts],
+        "top_k": cfg.top_k,
+        "threshold": cfg.threshold,
+        "embeddings": cfg.save_embeddings,
+        "omni_version": __version__,
+    }
+
+
 def load_model(
     cfg: TagConfig, prompts, emit: Callable[[Progress], None] | None = None
 ) -> tuple[Encoder, torch.Tensor]:
     """The encoder and the (dim, labels) label classifier on its device."""
+    from .labels import cached_classifier
+    from .loading import load_encoder
+    from .precision import explain
+
     encoder = load_encoder(cfg.model, exact=cfg.decode.exact)
     if emit is not None:
         encoder.on_backoff = lambda b: emit(Progress("note", message=f"out of memory: batch {b}"))
+        why = explain(cfg.model.precision, encoder.precision, encoder.device)
+        if why:
+            emit(Progress("note", message=why))
     classifier, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
     return encoder, classifier.to(encoder.device)
 
@@ -184,19 +245,17 @@ def plan_run(
     emit: Callable[[Progress], None],
 ) -> tuple[Plan, Tagger]:
     """The output schema, what is left to do (`plan.schema`, `plan.todo`) and the row builder."""
+    from .rows import Tagger
+
     names = [lab.name for lab in labels]
-    meta = run_metadata(cfg, encoder, labels=names, prompts=prompts)
+    meta = run_metadata(cfg, encoder, labels=labels, prompts=prompts)
     out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
     plan = plan_work(cfg, entries, out_schema)
-    if not entries:
-        where = ", ".join(map(str, cfg.inputs))
-        emit(Progress("note", message=f"no image files found under {where}"))
     if plan.message:
         emit(Progress("note", message=plan.message))
     tagger = Tagger(
         encoder, classifier, names, out_schema, top_k=cfg.top_k, threshold=cfg.threshold
     )
-    plan.rescore = functools.partial(tagger.rescore, relabel=plan.relabel)
     return plan, tagger
 
 
@@ -210,11 +269,13 @@ def decode_spec(cfg: TagConfig, encoder: Encoder) -> Preprocess:
     )
 
 
-def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[str], prompts) -> dict:
+def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[Label], prompts) -> dict:
     """Everything a reader needs to interpret the columns, stored in the file's schema."""
+    from . import scoring
+
     clip = encoder.logit_bias is None
     return {
-        "labels": labels,
+        "labels": [lab.name for lab in labels],
         "prompts": [list(p) for p in prompts],
         "template": cfg.template,
         "model": encoder.model_id,
@@ -237,6 +298,7 @@ def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[str], prompts
         "embedding": "float16, every view (global, squares, tiles): views x dim, flattened"
         if cfg.save_embeddings
         else None,
+        "request": request(cfg, labels, prompts),
         "omni_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

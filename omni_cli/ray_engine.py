@@ -41,10 +41,12 @@ from .pipeline import (
     load_model,
     plan_run,
     prepare,
+    request,
     write_rows,
 )
 from .rows import Tagger
 from .sources import FileEntry, discover
+from .state import unchanged
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address before giving up
 ENCODER_CPUS = 0.5  # CPUs an encoder actor reserves on a CPU-only cluster
@@ -97,6 +99,9 @@ def tag_ray(
     with OutputLock(cfg.output):
         emit(Progress("scan", message="listing files"))
         entries = list(discover(cfg.inputs, recursive=cfg.recursive))
+        kept = unchanged(cfg, entries, request(cfg, labels, prompts))
+        if kept is not None:  # nothing to do: no cluster to start
+            return TagResult(cfg.output, len(entries), 0, 0, len(entries), kept, unchanged=True)
         emit(Progress("model", total=len(entries), message="starting Ray"))
         started_here = _start(ray, address, tmp_dir)
         try:
@@ -115,7 +120,7 @@ def _run(ray, cfg, place: Placement, entries, labels, prompts, emit) -> TagResul
     # worker placed like an actor.
     describe = ray.remote(_describe).options(num_cpus=place.num_cpus, num_gpus=place.num_gpus)
     encoder, classifier = ray.get(describe.remote(actor_cfg, prompts))
-    plan, _ = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
+    plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
     names = [lab.name for lab in labels]
     tables = _dataset(ray, actor_cfg, place, plan, encoder, prompts, names) if plan.todo else []
     rows = (
@@ -123,7 +128,7 @@ def _run(ray, cfg, place: Placement, entries, labels, prompts, emit) -> TagResul
         for table in tables
         for batch in table.to_batches()
     )
-    return write_rows(cfg, plan, encoder, rows, emit)
+    return write_rows(cfg, plan, encoder, rows, emit, tagger=tagger)
 
 
 def _dataset(ray, cfg: TagConfig, place: Placement, plan, encoder, prompts, names):
@@ -135,7 +140,7 @@ def _dataset(ray, cfg: TagConfig, place: Placement, plan, encoder, prompts, name
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.execution_options.preserve_order = True  # rows in listing order, as the local engine
-    items = [dataclasses.asdict(e) for e in plan.todo]
+    items = [dataclasses.asdict(e) | {"identity": None} for e in plan.todo]
     blocks = max(1, min(len(items) // DECODE_BATCH, 1000))
     spec = decode_spec(cfg, encoder)
     ds = ray.data.from_items(items, override_num_blocks=blocks)

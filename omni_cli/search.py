@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported once a search runs, not to check its options
+    import torch
 from .errors import UsageError
 from .report import open_output
 
@@ -89,6 +92,8 @@ def load_index(source: Path) -> Index:
     has = counts > 0
     keep = pa.array(np.flatnonzero(has))
     counts = counts[has]
+    import torch
+
     return Index(
         source=Path(source),
         meta=meta,
@@ -107,6 +112,8 @@ def rank(index: Index, query: torch.Tensor, k: int) -> list[Hit]:
             f"the query embedding has {query.shape[-1]} dimensions but the stored ones have "
             f"{index.dim}: search with the model that tagged the file (--model)"
         )
+    import torch
+
     q = torch.nn.functional.normalize(query.float().reshape(-1), dim=0)
     per_view = (index.matrix @ q.to(index.matrix.dtype)).float().numpy()  # (views,)
     if len(per_view) == len(index):  # one view per image: no reduction
@@ -168,6 +175,8 @@ def encode_query(meta: dict, *, text: str | None, image: Path | None, model: str
         decoded = load(str(image), enc.preprocess)  # tiles off: the global view only
     except DecodeError as exc:
         raise UsageError(f"--image {image}: {exc.reason}") from None
+    import torch
+
     pixels = torch.from_numpy(decoded.pixels[:1])  # (1, 3, size, size) uint8
     return enc.encode_images(pixels)[0].cpu(), notes
 

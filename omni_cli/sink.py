@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OutputError
+from .errors import OutputError, UsageError
 
 META_KEY = b"omni"
 
@@ -56,12 +56,16 @@ def partial_dir(output: Path) -> Path:
 
 
 def check_writable(output: Path) -> None:
-    """Fail before any work if the output's folder is missing or not writable."""
+    """Fail before any work if the output's folder cannot be made or written; makes it."""
     folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"output folder does not exist: {folder}")
     if output.is_dir():
-        raise OutputError(f"output is a folder: {output}")
+        raise UsageError(f"--output {output} is a folder; give a file in it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--output {output}: {folder} is a file, not a folder") from None
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {folder}: {exc.strerror}") from None
     probe = folder / f".omni-write-test-{os.getpid()}"
     try:
         probe.write_bytes(b"")
@@ -85,7 +89,8 @@ class Sink:
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
-        self._next = _next_part_number(self.folder)
+        self._next = _next_part_number(self.folder)  # owned by the writer thread
+        self.saved = 0  # rows this sink has written to parts
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="omni-sink", daemon=True)
@@ -102,12 +107,16 @@ class Sink:
             self.flush()
 
     def flush(self) -> None:
-        """Hand the buffered rows to the writer thread as one part."""
+        """Hand the buffered rows to the writer thread as one part.
+
+        The buffer is emptied before the hand-over, so an interrupt (Ctrl-C, SIGTERM) finds the
+        rows either still buffered, and `close` flushes them, or gone, and the rerun tags those
+        files again: never both, so no row is written twice. The writer thread numbers parts.
+        """
         if self._buffer:
-            table = pa.Table.from_batches(self._buffer, schema=self.schema)
-            self._queue.put((self._next, table))
-            self._next += 1
-            self._buffer, self._buffered = [], 0
+            batches, self._buffer = self._buffer, []
+            self._buffered = 0
+            self._queue.put(batches)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -138,19 +147,23 @@ class Sink:
             _fsync(tmp)
             os.replace(tmp, self.output)
             _fsync_dir(self.output.parent)
-        except OSError as exc:
+        except BaseException as exc:  # an interrupt or any error: no OUT.tmp is left behind
             tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}") from None
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}") from None
+            raise
         shutil.rmtree(self.folder, ignore_errors=True)
         return rows
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (batches := self._queue.get()) is not None:
             if self._error is not None:
                 continue
-            number, table = item
             try:
-                _write_part(self.folder, number, table)
+                table = pa.Table.from_batches(batches, schema=self.schema)
+                _write_part(self.folder, self._next, table)
+                self._next += 1
+                self.saved += table.num_rows
             except BaseException as exc:  # reported on the caller's thread
                 self._error = exc
 

@@ -2,8 +2,11 @@
 
 Only names with an image extension become rows (a text file called `x.jpg` does, and fails
 later as `not an image`); hidden files and folders are skipped. Symlinks are followed, with
-each real folder visited once so that a loop in the tree cannot hang a run. A symlink that
-points nowhere, or a file that cannot be stat'ed, is still a row, carrying its error.
+each real folder visited once so that a loop in the tree cannot hang a run. Every real file
+appears once, whatever the inputs: `omni tag photos photos/scans` lists a scan under `photos`
+only, and a file reached again through a symlink or a hard link is listed where it was first
+found. A symlink that points nowhere, or a file that cannot be stat'ed, is still a row,
+carrying its error.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputNotFound
@@ -31,6 +34,7 @@ class FileEntry:
     bytes: int = 0
     mtime_ns: int = 0
     error: str | None = None
+    identity: tuple[int, int] | None = field(default=None, compare=False)  # (device, inode)
 
 
 def printable(name: str) -> str:
@@ -50,15 +54,21 @@ def check_inputs(inputs: Sequence[Path]) -> None:
 
 
 def discover(inputs: Sequence[Path], *, recursive: bool = True) -> Iterator[FileEntry]:
-    """Every image file under the inputs, in sorted order, each stat'ed once."""
+    """Every image file under the inputs, in sorted order, each stat'ed once, each real file
+    once (the first time it is reached)."""
     check_inputs(inputs)
+    folders: set = set()  # (device, inode) of every folder walked, across the inputs
+    files: set = set()  # (device, inode) of every file listed
     for arg in inputs:
         given = str(arg)
         if os.path.isdir(given):
-            yield from _walk(given, given, "", recursive, set())
+            found = _walk(given, given, "", recursive, folders)
         else:
-            root = os.path.dirname(given) or "."
-            yield _entry(root, os.path.basename(given), given)
+            found = iter([_entry(os.path.dirname(given) or ".", os.path.basename(given), given)])
+        for entry in found:
+            if entry.identity is None or entry.identity not in files:
+                files.add(entry.identity)
+                yield entry
 
 
 def _walk(root: str, folder: str, prefix: str, recursive: bool, seen: set) -> Iterator[FileEntry]:
@@ -95,6 +105,8 @@ def _entry(root: str, rel: str, path: str) -> FileEntry:
         return FileEntry(root, rel, path, error=reason)
     except OSError as exc:
         return FileEntry(root, rel, path, error=f"cannot stat: {exc.strerror}")
+    identity = (info.st_dev, info.st_ino)
     if not stat.S_ISREG(info.st_mode):
-        return FileEntry(root, rel, path, info.st_size, info.st_mtime_ns, "not a regular file")
-    return FileEntry(root, rel, path, info.st_size, info.st_mtime_ns)
+        return FileEntry(root, rel, path, info.st_size, info.st_mtime_ns, "not a regular file",
+                         identity)  # fmt: skip
+    return FileEntry(root, rel, path, info.st_size, info.st_mtime_ns, identity=identity)

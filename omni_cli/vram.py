@@ -14,71 +14,27 @@ from __future__ import annotations
 
 import gc
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 
 from . import archs, tiling
-from .config import DEFAULT_MODEL
+from .config import VramConfig
 from .errors import ModelError, UsageError
 
-ALL_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
 ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 HEADROOM = 0.10  # of the budget, kept free for allocator fragmentation
 CUDA_WORKSPACE = 64 << 20  # cuBLAS workspace and allocator rounding on CUDA, bytes
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one fp32 absmax per 64 weights
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40,
-          "tb": 1000**4, "tib": 1 << 40}  # fmt: skip
-
-
-def parse_bytes(text: str, option: str = "--budget") -> int:
-    """`8GiB`, `8GB`, `8G` (binary), `512MiB`, `1e9` -> bytes; UsageError otherwise."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS:
-        raise UsageError(f"{option} must be a size such as 8GiB, 8GB or 512MiB, not '{text}'")
-    value = float(match.group(1)) * _UNITS[unit]
-    if value < 1:
-        raise UsageError(f"{option} must be positive")
-    return int(value)
 
 
 def human(n: float) -> str:
-    """Bytes in binary units, three significant figures: `1.23 GiB`."""
+    """Bytes in binary units, three significant figures (no exponent): `1.23 GiB`, `1000 KiB`."""
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            value = n / size
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
     return f"{int(n)} B"
-
-
-@dataclass(frozen=True)
-class VramConfig:
-    """One `omni vram` question: which model, precisions, batches, image size and budget."""
-
-    model: str = DEFAULT_MODEL
-    precisions: tuple[str, ...] = ALL_PRECISIONS
-    batches: tuple[int, ...] = (1, 16, 64, 256)
-    tiles: str = "off"
-    image: tuple[int, int] = (3840, 2160)  # width, height the tiles are counted for
-    tile_overlap: float = 0.5
-    budget: int | None = None  # bytes; None = free GPU memory, or available RAM on the CPU
-    device: str = "auto"
-    measure: bool = False
-
-    def __post_init__(self) -> None:
-        bad = [p for p in self.precisions if p not in ALL_PRECISIONS]
-        if bad or not self.precisions:
-            raise UsageError(f"--precision must be all or some of {', '.join(ALL_PRECISIONS)}")
-        if not self.batches or any(b < 1 for b in self.batches):
-            raise UsageError("--batch must be positive integers, e.g. 1,16,256")
-        if self.tiles not in ("off", "auto") and not re.fullmatch(r"\d+x\d+", self.tiles):
-            raise UsageError(f"--tiles must be off, auto or RxC (e.g. 3x4), not '{self.tiles}'")
-        if min(self.image) < 1:
-            raise UsageError("--image must be WIDTHxHEIGHT in pixels, e.g. 3840x2160")
-        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
-            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not '{self.device}'")
 
 
 @dataclass
@@ -88,9 +44,9 @@ class Row:
     precision: str
     weights: int  # bytes, whole model (both towers, as `omni tag` loads it)
     per_view: int  # activation bytes per encoded view
-    per_image: int  # per_view x views
-    estimates: dict[int, int]  # batch (images) -> estimated peak bytes
-    max_batch: int  # largest batch of images that fits the budget; 0 = weights do not fit
+    per_image: int  # per_view x views of one image
+    estimates: dict[int, int]  # views per forward -> estimated peak bytes
+    max_batch: int  # most views per forward that fit the budget; 0 = weights do not fit
     offload: bool  # weights alone exceed the budget: needs --max-gpu-memory (CPU offload)
     measured: dict[int, int] = field(default_factory=dict)  # batch -> measured peak bytes
     note: str = ""
@@ -120,7 +76,8 @@ class Report:
                  "activation_per_view": r.per_view, "activation_per_image": r.per_image,
                  "estimated_peak": {str(b): v for b, v in r.estimates.items()},
                  "measured_peak": {str(b): v for b, v in r.measured.items()},
-                 "max_batch": r.max_batch, "needs_offload": r.offload, "note": r.note}
+                 "max_batch": r.max_batch, "max_images_per_forward": r.max_batch // self.views,
+                 "needs_offload": r.offload, "note": r.note}
                 for r in self.rows
             ],
         }  # fmt: skip
@@ -140,9 +97,9 @@ def estimate(cfg: VramConfig) -> Report:
         per_view = activation_bytes(vision, precision, device)
         fixed = CUDA_WORKSPACE if device.type == "cuda" else 0
         per_image = per_view * views
-        estimates = {b: weights + fixed + b * per_image for b in cfg.batches}
+        estimates = {b: weights + fixed + b * per_view for b in cfg.batches}
         room = budget * (1 - HEADROOM) - weights - fixed
-        max_batch = max(0, int(room // per_image))
+        max_batch = max(0, int(room // per_view))
         row = Row(precision, weights, per_view, per_image, estimates, max_batch,
                   offload=weights + fixed > budget * (1 - HEADROOM))  # fmt: skip
         if row.offload:
@@ -293,7 +250,7 @@ def _measure_row(cfg: VramConfig, precision: str, device: torch.device, views: i
     measured = {}
     for batch in cfg.batches:
         try:
-            measured[batch] = measure_peak(cfg.model, precision, device, batch * views)
+            measured[batch] = measure_peak(cfg.model, precision, device, batch)
         except torch.OutOfMemoryError:
             break  # larger batches do not fit either
     return measured, note
@@ -396,3 +353,35 @@ def model_bytes(model: torch.nn.Module) -> int:
             total += weight.numel() * weight.element_size() + weight.shape[0] * 4
             total += bias.numel() * 4 if bias is not None else 0
     return total
+
+
+def render(report: Report, console, *, measured: bool = False) -> None:
+    """The report as a Rich table: a row per precision, a column per views-per-forward."""
+    from rich.table import Table
+
+    views = f", {report.views} views per image" if report.views > 1 else ""
+    table = Table(title=f"{report.model} on {report.device}: budget {human(report.budget)} "
+                  f"({report.budget_source}){views}", title_justify="left")  # fmt: skip
+    table.add_column("precision")
+    table.add_column("weights", justify="right")
+    table.add_column("per view", justify="right")
+    for b in report.rows[0].estimates:
+        table.add_column(f"{b} views", justify="right")
+    table.add_column("most views/forward", justify="right")
+    if report.views > 1:
+        table.add_column("images/forward", justify="right")
+    for row in report.rows:
+        cells = []
+        for b, est in row.estimates.items():
+            got = row.measured.get(b)
+            cells.append(human(est) + (f" ({human(got)})" if got else ""))
+        most = ["offload" if row.offload else f"{row.max_batch:,}"]
+        if report.views > 1:
+            most.append("-" if row.offload else f"{row.max_batch // report.views:,}")
+        table.add_row(row.precision, human(row.weights), human(row.per_view), *cells, *most)
+    console.print(table)
+    if measured:
+        console.print("estimate (measured peak) per forward; peaks are weights + activations")
+    for row in report.rows:
+        if row.note:
+            console.print(f"{row.precision}: {row.note}", markup=False)

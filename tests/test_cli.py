@@ -127,7 +127,8 @@ def test_threshold_and_top_k(tmp_path, images, labels_file):
         ("pickled_model", 1, "only pickled weights"),
         ("bad_precision", 2, "--precision must be one of"),
         ("bad_template", 2, "--template must contain"),
-        ("bad_output", 1, "output folder does not exist"),
+        ("output_is_a_folder", 2, "is a folder; give a file in it"),
+        ("output_not_parquet", 2, "--output must end in .parquet"),
     ],
 )
 def test_bad_input_gets_a_message_and_exit_code(
@@ -155,14 +156,16 @@ def test_bad_input_gets_a_message_and_exit_code(
         extra = ["--precision", "fp8"]
     elif setup == "bad_template":
         extra = ["--template", "no placeholder"]
-    elif setup == "bad_output":
-        out = tmp_path / "missing" / "out.parquet"
+    elif setup == "output_is_a_folder":
+        out = tmp_path
+    elif setup == "output_not_parquet":
+        out = tmp_path / "out.csv"
     args = [folder, "--labels", labels, "-o", out, "--model", model, "--workers", 0, *extra]
     result = run(*args)
     assert result.exit_code == code, result.output
     assert message in result.output
     assert "Traceback" not in result.output
-    assert not out.exists()
+    assert not out.is_file()
 
 
 def test_empty_folder_says_so_and_writes_an_empty_valid_output(tmp_path, labels_file):

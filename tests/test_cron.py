@@ -194,7 +194,7 @@ def test_second_run_on_the_same_output_is_refused(tmp_path, labels_file):
     assert not out.with_name(out.name + ".partial").exists()
     # The lock is released on exit; a lock file left by a dead process does not block.
     out.with_name(out.name + ".lock").write_text("99999999\n")
-    assert tag(config(folder, labels_file, out)).files == 2
+    assert tag(config(folder, labels_file, out, full=True)).files == 2
 
 
 def test_bad_input_zoo(tmp_path, labels_file, monkeypatch):

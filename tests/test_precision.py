@@ -45,7 +45,7 @@ def test_quantised_fixture_recognises_its_labels(precision, tmp_path, images, la
                                       "-o", str(out), "--model", str(MODEL), "--workers", "0",
                                       "--device", "cpu", "--precision", precision])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert f"({precision}, batch 32)" in result.output
+    assert f"({precision}, 32 views per forward)" in result.output
     rows = pq.read_table(out).to_pylist()
     right = sum(row["top_labels"][0] == images[row["path"]] for row in rows)
     # The 64-wide fixture is fragile under 8-bit activations: fp32 gets 9/9 here, int8 6/9

@@ -6,6 +6,7 @@ One local Ray cluster (2 CPUs) serves the whole module; the engine reuses a sess
 from __future__ import annotations
 
 import json
+import os
 import socket
 import tempfile
 import time
@@ -91,9 +92,15 @@ def test_same_rows_as_local_engine(cluster, folder, labels_file, tmp_path):
     assert [e.stage for e in events][:2] == ["scan", "model"]
     assert events[-1].stage == "finish" and events[-1].done == local.files
 
-    # An unchanged rerun follows the local engine's incremental rules: only errors are retried.
+    # An unchanged rerun follows the local engine's incremental rules: nothing to do, so no
+    # cluster; after a change, the changed file and the error rows are tried again.
     again = tag_ray(config(folder, labels_file, tmp_path / "ray.parquet"))
-    assert (again.tagged, again.carried) == (3, local.files - 3)
+    assert again.unchanged and (again.tagged, again.carried) == (0, local.files)
+    first = sorted(folder.glob("*.png"))[0]
+    first.write_bytes(first.read_bytes())  # same pixels, a new mtime
+    os.utime(first, ns=(time.time_ns(), time.time_ns() + 10**9))
+    again = tag_ray(config(folder, labels_file, tmp_path / "ray.parquet"))
+    assert (again.tagged + again.failed, again.carried) == (4, local.files - 4)
 
 
 def test_cuda_on_cpu_cluster_fails_fast(cluster, folder, labels_file, tmp_path):
@@ -124,7 +131,7 @@ def test_unreachable_address_fails_fast(folder, labels_file, tmp_path):
 def test_ray_options_need_the_ray_engine(folder, labels_file):
     args = ["tag", str(folder), "-l", str(labels_file), "--ray-address", "127.0.0.1:6379"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "needs --engine ray" in result.output
+    assert result.exit_code == 2 and "need --engine ray" in result.output
 
 
 def test_placement():

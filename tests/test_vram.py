@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from omni_cli import vram
 from omni_cli.cli import app
-from omni_cli.config import ModelConfig
+from omni_cli.config import ALL_PRECISIONS, ModelConfig, parse_bytes
 from omni_cli.errors import UsageError
 from omni_cli.loading import load_encoder
 
@@ -23,13 +23,13 @@ runner = CliRunner()
 @pytest.mark.parametrize("text,expected", [("8GiB", 8 << 30), ("8GB", 8 * 10**9), ("8G", 8 << 30),
                                            ("512MiB", 512 << 20), ("1000", 1000)])  # fmt: skip
 def test_parse_bytes(text, expected):
-    assert vram.parse_bytes(text) == expected
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["eight", "8XB", "0", ""])
 def test_parse_bytes_rejects(text):
     with pytest.raises(UsageError, match="--budget"):
-        vram.parse_bytes(text)
+        parse_bytes(text)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "nf4"])
@@ -55,7 +55,7 @@ def test_json_report_fits_the_budget():
     assert report["budget"] == 64 << 20 and report["budget_source"] == "--budget"
     for row in report["rows"]:
         room = 64 * 2**20 * (1 - vram.HEADROOM) - row["weights"]
-        assert row["max_batch"] == int(room // row["activation_per_image"]) > 0
+        assert row["max_batch"] == int(room // row["activation_per_view"]) > 0
         assert not row["needs_offload"]
 
 
@@ -79,7 +79,7 @@ def test_table_output_names_precisions():
                                  "--device", "cpu", "--tiles", "auto"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "95 views per image" in result.output
-    for precision in vram.ALL_PRECISIONS:
+    for precision in ALL_PRECISIONS:
         assert precision in result.output
 
 
