@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from omni_cli import decode, synthetic
-from omni_cli.config import ModelConfig, TagConfig
+from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
 from omni_cli.lock import OutputLock
 from omni_cli.pipeline import tag
 
@@ -154,7 +154,9 @@ def flushed_rows(out):
     return sum(pq.read_metadata(p).num_rows for p in partial.glob("part-*.parquet"))
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGKILL, -9), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)]
+)
 def test_interrupted_run_resumes_with_every_file_once(tmp_path, labels_file, opened, sig, code):
     folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
     make_folder(folder, 30)
@@ -166,11 +168,13 @@ def test_interrupted_run_resumes_with_every_file_once(tmp_path, labels_file, ope
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
-    if sig == signal.SIGTERM:
-        assert "terminated" in stderr
     assert not out.exists()
     done = flushed_rows(out)
     assert 6 <= done < 30
+    if sig != signal.SIGKILL:  # says what it saved, and how to go on
+        what = "terminated" if sig == signal.SIGTERM else "interrupted"
+        assert f"omni: error: {what}: {done:,} finished rows are saved" in stderr, stderr
+        assert "rerun the same command to resume" in stderr
     result = tag(config(folder, labels_file, out))
     assert len(opened) == 30 - done  # only the unflushed files are decoded again
     assert result.carried == done and result.files == 30
@@ -273,3 +277,162 @@ def test_new_top_k_applies_to_carried_rows(tmp_path, labels_file, opened):
     tag(config(folder, labels_file, out, top_k=1))
     assert opened == []
     assert all(len(r["top_labels"]) == 1 for r in rows_by_path(out).values())
+
+
+def test_overlapping_inputs_list_each_file_once(tmp_path, labels_file):
+    folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
+    make_folder(folder, 3)
+    make_folder(folder / "scans", 2, seed=1)
+    os.link(folder / "img000.jpg", folder / "scans" / "same-file.jpg")
+    cfg = config(folder, labels_file, out)
+    cfg = TagConfig(**{**cfg.__dict__, "inputs": (folder, folder / "scans", folder / "img001.jpg")})
+    result = tag(cfg)
+    rows = pq.read_table(out).to_pylist()
+    assert result.files == len(rows) == 5  # 3 + 2 scans; the hard link is img000 again
+    assert sorted(r["path"] for r in rows) == [
+        "img000.jpg",
+        "img001.jpg",
+        "img002.jpg",
+        "scans/img000.jpg",
+        "scans/img001.jpg",
+    ]
+
+
+def test_a_previous_output_made_differently_is_refused_not_replaced(tmp_path, labels_file):
+    folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
+    make_folder(folder, 3)
+    base = [folder, "--labels", labels_file, "-o", out, "--model", MODEL, "--workers", 0,
+            "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+    assert omni_tag(*base, "--tiles", "2x2", "--save-embeddings").exit_code == 0
+    before = out.read_bytes()
+    (folder / "img001.jpg").unlink()  # something changed, so the run has work to do
+    result = omni_tag(*base)
+    assert result.exit_code == 2, result.output
+    assert "was made differently (tiles 2x2 -> off)" in result.output
+    assert "nothing was touched" in result.output and "--full" in result.output
+    assert out.read_bytes() == before and not out.with_name(out.name + ".partial").exists()
+    result = omni_tag(*base, "--precision", "bf16", "--tiles", "2x2", "--save-embeddings")
+    assert result.exit_code == 2 and "precision fp32 -> bf16" in result.output
+    assert omni_tag(*base, "--full").exit_code == 0
+    assert len(pq.read_table(out)) == 2 and pq.read_table(out)["views"].to_pylist() == [1, 1]
+
+
+def test_an_interrupted_run_made_differently_is_refused(tmp_path, labels_file):
+    folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
+    make_folder(folder, 30)
+    proc = start_slow(tmp_path, labels_file, out)
+    wait_for_parts(out, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    parts = sorted(out.with_name(out.name + ".partial").glob("part-*.parquet"))
+    result = omni_tag(folder, "--labels", labels_file, "-o", out, "--model", MODEL,
+                      "--workers", 0, "--precision", "fp32", "--tiles", "2x2")  # fmt: skip
+    assert result.exit_code == 2 and "interrupted run's rows" in result.output
+    assert sorted(out.with_name(out.name + ".partial").glob("part-*.parquet")) == parts
+    assert tag(config(folder, labels_file, out, decode=DecodeConfig(tiles="2x2"),
+                      full=True)).files == 30  # fmt: skip
+
+
+def test_an_unreadable_part_stops_the_run_and_stays(tmp_path, labels_file):
+    folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
+    make_folder(folder, 2)
+    partial = out.with_name(out.name + ".partial")
+    partial.mkdir()
+    (partial / "part-000000.parquet").write_bytes(b"PAR1 not really")
+    result = omni_tag(folder, "--labels", labels_file, "-o", out, "--model", MODEL)
+    assert result.exit_code == 1 and "cannot read an interrupted run's rows" in result.output
+    assert (partial / "part-000000.parquet").read_bytes() == b"PAR1 not really"
+    assert not out.exists()
+
+
+def test_nothing_changed_imports_no_torch_and_leaves_the_output_as_it_was(tmp_path, labels_file):
+    folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
+    make_folder(folder, 4)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    tag(config(folder, labels_file, out))
+    before = (out.read_bytes(), out.stat().st_mtime_ns)
+    script = (
+        "import sys\n"
+        "from omni_cli.cli import app\n"
+        "try:\n"
+        f"    app(['tag', {str(folder)!r}, '-l', {str(labels_file)!r}, '-o', {str(out)!r},"
+        f" '--model', {str(MODEL)!r}, '--workers', '0', '--device', 'cpu', '--precision',"
+        " 'fp32', '--batch', '4'])\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr  # the broken file is still listed
+    assert "nothing changed since the last run (1 error rows kept)" in done.stdout
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+    # Anything else to do, and the error row is tried again with the new file.
+    make_folder(folder / "more", 1)
+    result = tag(config(folder, labels_file, out))
+    assert (result.tagged, result.failed, result.carried) == (1, 1, 4)
+
+
+def test_summary_counts_failures_apart(tmp_path, labels_file):
+    folder, out = tmp_path / "photos", tmp_path / "deep" / "er" / "tags.parquet"
+    make_folder(folder, 4)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    result = omni_tag(folder, "--labels", labels_file, "-o", out, "--model", MODEL, "--workers", 0)
+    assert result.exit_code == 3, result.output
+    assert "omni: 5 files, 4 tagged, 1 failed" in result.output
+    assert out.is_file()  # the missing folders were made
+
+
+def test_an_interrupted_finish_leaves_no_tmp_and_the_old_output(tmp_path, labels_file, monkeypatch):
+    folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
+    make_folder(folder, 3)
+    tag(config(folder, labels_file, out))
+    before = out.read_bytes()
+    make_folder(folder / "new", 1)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tag(config(folder, labels_file, out))
+    assert out.read_bytes() == before
+    assert not out.with_name(out.name + ".tmp").exists()
+
+
+def test_a_sink_interrupted_while_handing_rows_over_never_writes_them_twice(tmp_path):
+    from omni_cli.sink import Sink, read_parts
+    from omni_cli.sink import schema as make_schema
+
+    out = tmp_path / "tags.parquet"
+    sink = Sink(out, make_schema(1, embeddings=False, metadata={}), part_rows=2)
+    real_put = sink._queue.put
+    calls = []
+
+    def put(item, *args, **kwargs):
+        calls.append(item)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived during the hand-over
+        return real_put(item, *args, **kwargs)
+
+    sink._queue.put = put
+    with pytest.raises(KeyboardInterrupt):
+        sink.write(tag_rows(2))  # f0, f1: lost in the hand-over, so tagged again on a rerun
+    sink.write(tag_rows(2, start=2))
+    sink.close()
+    paths = [p for b in read_parts(sink.folder) for p in b["path"].to_pylist()]
+    assert paths == ["f2", "f3"]  # once each; none twice
+
+
+def tag_rows(n, start=0):
+    import pyarrow as pa
+
+    from omni_cli.sink import schema as make_schema
+
+    names = [f"f{i}" for i in range(start, start + n)]
+    columns = {"root": ["r"] * n, "path": names, "status": ["ok"] * n, "error": [None] * n,
+               "bytes": [1] * n, "mtime_ns": [1] * n, "width": [1] * n, "height": [1] * n,
+               "views": [1] * n, "similarity": [[0.5]] * n, "probs": [[1.0]] * n,
+               "top_labels": [["a"]] * n, "top_scores": [[1.0]] * n}  # fmt: skip
+    schema = make_schema(1, embeddings=False, metadata={})
+    return pa.RecordBatch.from_pydict({k: columns[k] for k in schema.names}, schema=schema)

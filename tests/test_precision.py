@@ -134,3 +134,30 @@ def test_bitsandbytes_arguments_without_offload():
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4"
     assert kwargs["device_map"] == {"": "cpu"} and "max_memory" not in kwargs
     assert load_kwargs("fp32", CPU) == {"dtype": torch.float32}
+
+
+def test_a_cublas_allocation_failure_backs_off_like_an_out_of_memory(monkeypatch):
+    enc = load_encoder(ModelConfig(model=str(MODEL), device="cpu", precision="fp32", batch=8))
+    real = enc_mod.Encoder.forward
+
+    def fake(self, chunk):
+        if len(chunk) > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
+        return real(self, chunk)
+
+    monkeypatch.setattr(enc_mod.Encoder, "forward", fake)
+    pixels = torch.randint(0, 255, (7, 3, 224, 224), dtype=torch.uint8)
+    assert enc.encode_images(pixels).shape == (7, 64) and enc.batch == 2
+    monkeypatch.setattr(enc_mod.Encoder, "forward", lambda self, chunk: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # anything else is not an out-of-memory
+        enc.encode_images(pixels)
+
+
+def test_bf16_is_checked_on_the_chosen_gpu_and_the_cache_knows_the_device(monkeypatch):
+    capability = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capability[i])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"  # not the current one
+    enc = load_encoder(ModelConfig(model=str(MODEL), device="cpu", precision="fp32"))
+    assert enc.cache_key.endswith("|fp32|cpu")
