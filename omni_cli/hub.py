@@ -36,6 +36,14 @@ def looks_local(model: str) -> bool:
     )
 
 
+def canonical(model: str) -> str:
+    """How a model is named in an output: a local folder by its absolute path (the same model
+    given as `./m` or `/work/m` is one model), a hub id or `random:ARCH` as it is."""
+    if model.startswith("random:") or not looks_local(model):
+        return model
+    return str(Path(model).expanduser().resolve())
+
+
 def check_source(model: str) -> str:
     """A local folder, checked (ModelError naming the problem), or a hub id as it is."""
     if not looks_local(model):
@@ -110,7 +118,7 @@ def revision(model: str) -> str | None:
     if model.startswith("random:"):
         return "random"
     if looks_local(model):
-        return local_revision(str(Path(model).expanduser()))
+        return local_revision(canonical(model))
     return cached_revision(model)
 
 

@@ -219,7 +219,7 @@ def _assemble(cfg, model, tokenizer, processor, device, precision, exact, source
         std=torch.tensor(std, device=device).view(1, 3, 1, 1),
         logit_scale=float(model.logit_scale.detach().float().exp()),
         logit_bias=float(bias.detach().float()) if siglip and bias is not None else None,
-        model_id=cfg.model,
+        model_id=hub.canonical(cfg.model),
         revision=_revision(source, model) if source else "random",
         batch=cfg.batch or DEFAULT_BATCH.get(device.type, 32),
         text_padding="max_length" if siglip else True,

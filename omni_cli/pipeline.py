@@ -201,7 +201,7 @@ def request(cfg: TagConfig, labels: list[Label], prompts) -> dict:
     """How this run is asked for, in terms knowable without torch: equal requests over
     unchanged files give the same output, so a rerun can stop before loading anything."""
     return {
-        "model": cfg.model.model,
+        "model": hub.canonical(cfg.model.model),
         "revision": hub.revision(cfg.model.model),
         "precision": cfg.model.precision,
         "preprocess": "exact" if cfg.decode.exact else "draft",
