@@ -127,10 +127,10 @@ class Feeder:
         self.times = {"wait for loader": 0.0, "device decode": 0.0, "cut views": 0.0}
 
     def __iter__(self) -> Iterator[Fed]:
-        """Groups in the order they are ready; on CUDA with a device decoder, made on a thread.
+        """Groups in the order they are ready; with `thread`, made on a feeding thread.
 
-        The thread waits for loader batches and for the device decoder (a blocking call that
-        releases the GIL) while this one launches forwards and builds rows.
+        The thread waits for loader batches and for the device decoder while this one launches
+        forwards and builds rows (OMNI_FEED_THREAD=1; off by default, see THREAD).
         """
         if not self.threaded:
             yield from self._groups()
@@ -138,18 +138,21 @@ class Feeder:
         ready: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
+        def offer(item) -> bool:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    ready.put(item, timeout=0.1)
+                    return True
+            return False
+
         def produce() -> None:
             try:
                 for fed in self._groups():
-                    while not stop.is_set():
-                        with contextlib.suppress(queue.Full):
-                            ready.put(fed, timeout=0.1)
-                            break
-                    if stop.is_set():
+                    if not offer(fed):
                         return
-                ready.put(_DONE)
+                offer(_DONE)
             except BaseException as exc:  # raised again in the consumer
-                ready.put(exc)
+                offer(exc)
 
         thread = threading.Thread(target=produce, name="omni-feed", daemon=True)
         thread.start()
