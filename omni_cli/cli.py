@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import __version__
-from .config import DEFAULT_MODEL, DecodeConfig, ModelConfig, TagConfig
+from .config import DEFAULT_MODEL, DEFAULT_THRESHOLD, DecodeConfig, ModelConfig, TagConfig
 from .errors import OmniError
 
 app = typer.Typer(
@@ -82,7 +82,12 @@ def tag(
     ),
     template: str = typer.Option("a photo of a {}.", help="Prompt with {}, or 'imagenet' (80)."),
     top_k: int = typer.Option(5, help="Tags kept in top_labels."),
-    threshold: float = typer.Option(None, help="Keep only top tags with probability >= this."),
+    threshold: float = typer.Option(
+        DEFAULT_THRESHOLD,
+        help="Tag the labels whose score reaches this (0-1; 0 keeps the top-k labels). CLIP: "
+        "the share of the way from a blank image's similarity to a perfect match; SigLIP: "
+        "the model's sigmoid.",
+    ),
     recursive: bool = typer.Option(True, help="Descend into sub-folders."),
     exact: bool = typer.Option(
         False, help="Decode and resize exactly as transformers does (slower; no JPEG draft)."

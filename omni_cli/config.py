@@ -15,6 +15,9 @@ from .errors import UsageError
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4")
 DEFAULT_MAX_PIXELS = 200_000_000
+# top_labels keep the labels whose score (scoring.label_scores) reaches this: for CLIP, three
+# quarters of the way from a blank image's similarity to a perfect match (benchmarks/scores.py).
+DEFAULT_THRESHOLD = 0.75
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TILES = re.compile(r"^(off|auto|\d+x\d+)$")
 
@@ -74,7 +77,7 @@ class TagConfig:
     workers: int | None = None  # None = loader.default_workers(device)
     template: str = "a photo of a {}."
     top_k: int = 5
-    threshold: float | None = None
+    threshold: float = DEFAULT_THRESHOLD
     recursive: bool = True
     save_embeddings: bool = False
     resume: bool = True
@@ -86,8 +89,8 @@ class TagConfig:
             raise UsageError("give at least one PATH to tag")
         if self.top_k < 0:
             raise UsageError("--top-k must be >= 0")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise UsageError("--threshold must be between 0 and 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError("--threshold must be between 0 and 1 (0 keeps the top-k labels)")
         if self.workers is not None and self.workers < 0:
             raise UsageError("--workers must be >= 0")
         if self.flush_rows < 1:

@@ -19,13 +19,20 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from . import __version__, scoring
 from .config import TagConfig
 from .decode import Preprocess
 from .encoder import Encoder, load_encoder
-from .labels import Label, cached_classifier, prompts_for, read_labels
+from .labels import (
+    NEUTRAL_LEVELS,
+    Classifier,
+    Label,
+    cached_classifier,
+    cached_neutral,
+    prompts_for,
+    read_labels,
+)
 from .loader import default_workers, make_loader
 from .lock import OutputLock
 from .rows import Tagger
@@ -138,27 +145,32 @@ def prepare(cfg: TagConfig) -> tuple[list[Label], list[tuple[str, ...]]]:
 
 def load_model(
     cfg: TagConfig, prompts, emit: Callable[[Progress], None] | None = None
-) -> tuple[Encoder, torch.Tensor]:
-    """The encoder and the (dim, labels) label classifier on its device."""
+) -> tuple[Encoder, Classifier]:
+    """The encoder and the label classifier (matrix and per-label baselines) on its device."""
     encoder = load_encoder(cfg.model, exact=cfg.decode.exact)
     if emit is not None:
         encoder.on_backoff = lambda b: emit(Progress("note", message=f"out of memory: batch {b}"))
-    classifier, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
-    return encoder, classifier.to(encoder.device)
+    matrix, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
+    baseline = None
+    if encoder.logit_bias is None:  # CLIP: scores need each label's content-free baseline
+        size = encoder.preprocess.size
+        neutral, _ = cached_neutral(encoder.encode_images, size, encoder.cache_key)
+        baseline = neutral @ matrix  # (labels,)
+    return encoder, Classifier(matrix, baseline).to(encoder.device)
 
 
 def plan_run(
     cfg: TagConfig,
     entries: list[FileEntry],
     encoder: Encoder,
-    classifier: torch.Tensor,
+    classifier: Classifier,
     labels: list[Label],
     prompts,
     emit: Callable[[Progress], None],
 ) -> tuple[Plan, Tagger]:
     """The output schema, what is left to do (`plan.schema`, `plan.todo`) and the row builder."""
     names = [lab.name for lab in labels]
-    meta = run_metadata(cfg, encoder, labels=names, prompts=prompts)
+    meta = run_metadata(cfg, encoder, labels=names, prompts=prompts, classifier=classifier)
     out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
     plan = plan_work(cfg, entries, out_schema)
     if not entries:
@@ -183,9 +195,12 @@ def decode_spec(cfg: TagConfig, encoder: Encoder) -> Preprocess:
     )
 
 
-def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[str], prompts) -> dict:
+def run_metadata(
+    cfg: TagConfig, encoder: Encoder, *, labels: list[str], prompts, classifier=None
+) -> dict:
     """Everything a reader needs to interpret the columns, stored in the file's schema."""
     clip = encoder.logit_bias is None
+    baseline = getattr(classifier, "baseline", None)
     return {
         "labels": labels,
         "prompts": [list(p) for p in prompts],
@@ -196,17 +211,29 @@ def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[str], prompts
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
         "tile_overlap": cfg.decode.tile_overlap,
-        "tile_rule": "views: global, whole-image squares, tiles; an image takes the scores of its "
-        f"surest tile if 1 to {scoring.SMALL_SHARE:.0%} of its tiles have a top probability "
-        f">= {scoring.TILE_SURE}, else of its surest whole-image view",
+        "tile_rule": "views: global, whole-image squares, tiles. Tiles whose embedding has cosine "
+        f"< {scoring.TILE_ALIKE} with the image's typical tile (the mean of its largest group "
+        "of tiles alike at that cosine) show objects; an 8-connected group of them spanning "
+        "at most 2 / (1 - tile_overlap) tiles along each axis is read from its most "
+        "distinctive tiles (least like the typical tile; non-maximum "
+        "suppression over touching tiles); the whole-image views are read when there is no "
+        "object tile or a group is larger. Each label takes its largest similarity over the "
+        "views read",
         "similarity": "cosine(image embedding, label embedding)",
         "probs": "softmax(logit_scale * similarity)"
         if clip
         else "sigmoid(logit_scale * similarity + logit_bias)",
+        "scores": "clip((similarity - score_baseline) / (1 - score_baseline), 0, 1); "
+        "score_baseline: each label's similarity to content-free images (flat greys "
+        f"{list(NEUTRAL_LEVELS)}), so 0 = no closer than a blank image, 1 = a perfect match"
+        if clip
+        else "sigmoid(logit_scale * similarity + logit_bias)",
+        "score_baseline": baseline.float().cpu().tolist() if baseline is not None else None,
         "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias,
         "top_k": cfg.top_k,
         "threshold": cfg.threshold,
+        "top_labels": "labels with scores >= threshold, best first, at most top_k",
         "embedding": "float16, every view (global, squares, tiles): views x dim, flattened"
         if cfg.save_embeddings
         else None,

@@ -26,8 +26,12 @@ from .sources import FileEntry
 
 # Metadata that decides whether a stored embedding is still the one this run would compute.
 ENCODING = ("model", "revision", "precision", "preprocess", "tiles", "tile_overlap")
+# ... whether its similarity and scores are those this run would compute from that embedding
+# (rows of an output written by another scoring or tiling rule, or before the `scores` column
+# existed, are rescored from their stored embeddings, or tagged again without them) ...
+SCORING = ("labels", "prompts", "scores", "tile_rule")
 # ... and whether a stored row can be used as it is.
-FINGERPRINT = (*ENCODING, "labels", "prompts", "embedding", "top_k", "threshold")
+FINGERPRINT = (*ENCODING, *SCORING, "embedding", "top_k", "threshold")
 
 
 @dataclass
@@ -116,9 +120,11 @@ def _previous(output: Path, want: dict, plan: Plan, done: set[str]) -> tuple[str
     changed = [k for k in ENCODING if have[k] != want[k]]
     if want["embedding"] and "embedding" not in previous.names:
         changed.append("embeddings")
-    relabel = have["labels"] != want["labels"] or have["prompts"] != want["prompts"]
+    rescore = [k for k in SCORING if have[k] != want[k]]
+    relabel = bool(rescore)
     if relabel and "embedding" not in previous.names:
-        changed.append("labels (no stored embeddings to rescore from: see --save-embeddings)")
+        what = "labels" if {"labels", "prompts"} & set(rescore) else "the scoring rule"
+        changed.append(f"{what} (no stored embeddings to rescore from: see --save-embeddings)")
     if changed:
         return f"previous output differs in {', '.join(changed)}: tagging everything", set()
     table = pq.read_table(output, columns=["root", "path", "status", "bytes", "mtime_ns"])

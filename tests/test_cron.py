@@ -248,14 +248,15 @@ def test_new_labels_rescore_from_stored_embeddings_without_decoding(tmp_path, la
     fewer = tmp_path / "fewer.txt"
     fewer.write_text("red circle\ngreen square\nblue triangle\nred square\n")
     opened.clear()
-    result = tag(config(folder, fewer, out, save_embeddings=True, top_k=2))
+    result = tag(config(folder, fewer, out, save_embeddings=True, top_k=2, threshold=0.0))
     assert opened == [] and result.carried == 9
     rescored = rows_by_path(out)
     fresh = tmp_path / "fresh.parquet"
-    tag(config(folder, fewer, fresh, save_embeddings=True, top_k=2))
+    tag(config(folder, fewer, fresh, save_embeddings=True, top_k=2, threshold=0.0))
     for name, row in rows_by_path(fresh).items():
         # stored embeddings are float16: scores agree to that precision
         assert np.allclose(rescored[name]["similarity"], row["similarity"], atol=2e-3)
+        assert np.allclose(rescored[name]["scores"], row["scores"], atol=2e-3)
         assert rescored[name]["top_labels"] == row["top_labels"] and len(row["top_labels"]) == 2
     # Without stored embeddings new labels mean a full run.
     plain = tmp_path / "plain.parquet"
