@@ -27,6 +27,7 @@ from . import __version__
 from .config import (
     ALL_PRECISIONS,
     DEFAULT_MODEL,
+    DEFAULT_THRESHOLD,
     BenchConfig,
     DecodeConfig,
     ModelConfig,
@@ -238,7 +239,12 @@ def tag(
     ),
     top_k: int = typer.Option(5, min=0, metavar="K", help="Most tags kept in top_labels."),
     threshold: float = typer.Option(
-        None, min=0.0, max=1.0, metavar="T", help="Keep only tags whose probability is >= T."
+        DEFAULT_THRESHOLD,
+        min=0.0,
+        max=1.0,
+        metavar="T",
+        help="Tag the labels whose score (column scores: does this label apply, 0-1, "
+        "independent of the other labels) reaches T; 0 keeps the top-k whatever their score.",
     ),
     recursive: bool = typer.Option(True, help="Descend into sub-folders."),
     exact: bool = typer.Option(

@@ -17,6 +17,9 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4")
 DECODERS = ("auto", "cpu", "gpu")
 DEFAULT_MAX_PIXELS = 200_000_000
 MAX_GRID = 16  # tiles per side of a fixed RxC grid
+# top_labels keep the labels whose score (scoring.label_scores) reaches this: for CLIP, log-odds
+# of SCORE_GAIN over a blank image; for SigLIP, the model's own decision boundary.
+DEFAULT_THRESHOLD = 0.5
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _GRID = re.compile(r"^(\d+)x(\d+)$")
 _BYTES = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*")
@@ -135,7 +138,7 @@ class TagConfig:
     workers: int | None = None  # None = loader.default_workers(device)
     template: str = "a photo of a {}."
     top_k: int = 5
-    threshold: float | None = None
+    threshold: float = DEFAULT_THRESHOLD
     recursive: bool = True
     save_embeddings: bool = False
     resume: bool = True
@@ -147,8 +150,8 @@ class TagConfig:
             raise UsageError("give at least one PATH to tag")
         if self.top_k < 0:
             raise UsageError("--top-k must be >= 0")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise UsageError("--threshold must be between 0 and 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError("--threshold must be between 0 and 1 (0 keeps the top-k labels)")
         if self.workers is not None and self.workers < 0:
             raise UsageError("--workers must be >= 0")
         if self.flush_rows < 1:

@@ -5,7 +5,9 @@ are ignored, a duplicate label is an error that names both line numbers, and a l
 `label: prompt one | prompt two` gives that label its own prompts instead of the template.
 `classifier()` turns the prompts into one `(dim, labels)` matrix, the way open_clip's
 zero-shot classifier does: fill templates, encode, L2-normalise, average per label, normalise
-again. The matrix is cached on disk, keyed by the model and the exact prompts.
+again. The matrix is cached on disk, keyed by the model and the exact prompts. Next to it, for
+CLIP's per-label scores (scoring.label_scores), each label's baseline: its similarity to
+content-free images (flat greys, `neutral_pixels`), from one embedding cached per model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,10 @@ if TYPE_CHECKING:  # torch is imported where a classifier is built: parsing labe
 from .errors import LabelsError, UsageError
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+
+# Content-free images: flat greys from black to white. Their mean embedding is what the model
+# sees when there is nothing to see; a label's similarity to it is that label's baseline.
+NEUTRAL_LEVELS = (0, 64, 128, 192, 255)
 
 # The 80 prompts of the CLIP paper's ImageNet ensemble (Radford et al., 2021).
 IMAGENET_TEMPLATES = (
@@ -147,6 +153,29 @@ def classifier(
     return torch.stack(columns, dim=1)  # (dim, labels)
 
 
+@dataclass(frozen=True)
+class Classifier:
+    """The label side of scoring: the (dim, labels) matrix and each label's baseline."""
+
+    matrix: torch.Tensor  # (dim, labels)
+    baseline: torch.Tensor | None = None  # (labels,) similarity to a content-free image
+
+    def to(self, device) -> Classifier:
+        base = None if self.baseline is None else self.baseline.to(device)
+        return replace(self, matrix=self.matrix.to(device), baseline=base)
+
+    def cpu(self) -> Classifier:
+        return self.to("cpu")
+
+
+def neutral_pixels(size: int) -> torch.Tensor:
+    """The content-free images as a (n, 3, size, size) uint8 batch (flat, so no resizing)."""
+    import torch
+
+    levels = torch.tensor(NEUTRAL_LEVELS, dtype=torch.uint8).view(-1, 1, 1, 1)
+    return levels.expand(-1, 3, size, size).contiguous()
+
+
 def cache_dir() -> Path:
     """Where label matrices are cached: $OMNI_CACHE_DIR, else $XDG_CACHE_HOME/omni."""
     if os.environ.get("OMNI_CACHE_DIR"):
@@ -164,22 +193,46 @@ def cached_classifier(
 
     A cache that cannot be read or written is ignored: it only ever saves time.
     """
+    return _cached(
+        "labels",
+        [model_key, list(prompts)],
+        lambda m: m.dim() == 2 and m.shape[1] == len(prompts),
+        lambda: classifier(encode_texts, prompts),
+    )
+
+
+def cached_neutral(
+    encode_images: Callable[[torch.Tensor], torch.Tensor], size: int, model_key: str
+) -> tuple[torch.Tensor, bool]:
+    """The mean embedding (dim,) of the content-free images, cached per model like the matrix.
+
+    Its product with the classifier matrix is each label's mean similarity to those images.
+    """
+    return _cached(
+        "neutral",
+        [model_key, size, list(NEUTRAL_LEVELS)],
+        lambda v: v.dim() == 1,
+        lambda: encode_images(neutral_pixels(size)).float().mean(dim=0),
+    )
+
+
+def _cached(kind: str, key, valid: Callable[[torch.Tensor], bool], compute):
     import torch
 
-    digest = hashlib.sha256(json.dumps([model_key, list(prompts)]).encode()).hexdigest()[:32]
-    path = cache_dir() / "labels" / f"{digest}.pt"
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+    path = cache_dir() / kind / f"{digest}.pt"
     try:
-        matrix = torch.load(path, map_location="cpu", weights_only=True)
-        if matrix.shape[1] == len(prompts):
-            return matrix, True
+        value = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(value, torch.Tensor) and valid(value):
+            return value, True
     except (OSError, RuntimeError, ValueError, EOFError):
         pass
-    matrix = classifier(encode_texts, prompts).cpu()
+    value = compute().cpu()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(matrix, tmp)
+        torch.save(value, tmp)
         os.replace(tmp, path)
     except OSError:
         pass
-    return matrix, False
+    return value, False

@@ -25,19 +25,18 @@ import pyarrow.compute as pc
 from . import __version__, hub
 from .config import TagConfig
 from .errors import Interrupted, Terminated
-from .labels import Label, prompts_for, read_labels
+from .labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
 from .lock import OutputLock
 from .sink import Sink, check_writable, partial_dir, schema
 from .sources import FileEntry, check_inputs, discover
 from .state import Plan, plan_work, unchanged
 
 if TYPE_CHECKING:
-    import torch
-
     from .decode import Preprocess
     from .devdecode import JpegDecoder
     from .encoder import Encoder
     from .feed import Feeder
+    from .labels import Classifier
     from .rows import Tagger
 
 
@@ -219,9 +218,9 @@ def request(cfg: TagConfig, labels: list[Label], prompts) -> dict:
 
 def load_model(
     cfg: TagConfig, prompts, emit: Callable[[Progress], None] | None = None
-) -> tuple[Encoder, torch.Tensor]:
-    """The encoder and the (dim, labels) label classifier on its device."""
-    from .labels import cached_classifier
+) -> tuple[Encoder, Classifier]:
+    """The encoder and the label classifier (matrix and per-label baselines) on its device."""
+    from .labels import Classifier, cached_classifier, cached_neutral
     from .loading import load_encoder
     from .precision import explain
 
@@ -231,15 +230,20 @@ def load_model(
         why = explain(cfg.model.precision, encoder.precision, encoder.device)
         if why:
             emit(Progress("note", message=why))
-    classifier, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
-    return encoder, classifier.to(encoder.device)
+    matrix, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
+    baseline = None
+    if encoder.logit_bias is None:  # CLIP: scores need each label's content-free baseline
+        size = encoder.preprocess.size
+        neutral, _ = cached_neutral(encoder.encode_images, size, encoder.cache_key)
+        baseline = neutral @ matrix  # (labels,)
+    return encoder, Classifier(matrix, baseline).to(encoder.device)
 
 
 def plan_run(
     cfg: TagConfig,
     entries: list[FileEntry],
     encoder: Encoder,
-    classifier: torch.Tensor,
+    classifier: Classifier,
     labels: list[Label],
     prompts,
     emit: Callable[[Progress], None],
@@ -248,7 +252,7 @@ def plan_run(
     from .rows import Tagger
 
     names = [lab.name for lab in labels]
-    meta = run_metadata(cfg, encoder, labels=labels, prompts=prompts)
+    meta = run_metadata(cfg, encoder, labels=labels, prompts=prompts, classifier=classifier)
     out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
     plan = plan_work(cfg, entries, out_schema)
     if plan.message:
@@ -269,11 +273,14 @@ def decode_spec(cfg: TagConfig, encoder: Encoder) -> Preprocess:
     )
 
 
-def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[Label], prompts) -> dict:
+def run_metadata(
+    cfg: TagConfig, encoder: Encoder, *, labels: list[Label], prompts, classifier=None
+) -> dict:
     """Everything a reader needs to interpret the columns, stored in the file's schema."""
     from . import scoring
 
     clip = encoder.logit_bias is None
+    baseline = getattr(classifier, "baseline", None)
     return {
         "labels": [lab.name for lab in labels],
         "prompts": [list(p) for p in prompts],
@@ -284,17 +291,30 @@ def run_metadata(cfg: TagConfig, encoder: Encoder, *, labels: list[Label], promp
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
         "tile_overlap": cfg.decode.tile_overlap,
-        "tile_rule": "views: global, whole-image squares, tiles; an image takes the scores of its "
-        f"surest tile if 1 to {scoring.SMALL_SHARE:.0%} of its tiles have a top probability "
-        f">= {scoring.TILE_SURE}, else of its surest whole-image view",
+        "tile_rule": "views: global, whole-image squares, tiles. Tiles whose embedding has cosine "
+        f"< {scoring.TILE_ALIKE} with the image's typical tile (the mean of its largest group "
+        "of tiles alike at that cosine) show objects; an 8-connected group of them spanning "
+        "at most 2 / (1 - tile_overlap) tiles along each axis is read from its most "
+        "distinctive tiles (least like the typical tile; non-maximum "
+        "suppression over touching tiles); the whole-image views are read when there is no "
+        "object tile or a group is larger. Each label takes its largest similarity over the "
+        "views read",
         "similarity": "cosine(image embedding, label embedding)",
         "probs": "softmax(logit_scale * similarity)"
         if clip
         else "sigmoid(logit_scale * similarity + logit_bias)",
+        "scores": f"sigmoid(logit_scale * (similarity - score_baseline) - {scoring.SCORE_GAIN}); "
+        "score_baseline: each label's similarity to content-free images (flat greys "
+        f"{list(NEUTRAL_LEVELS)}); 0.5 = the image is e^{scoring.SCORE_GAIN:g} times likelier "
+        "than a blank image for that label"
+        if clip
+        else "sigmoid(logit_scale * similarity + logit_bias)",
+        "score_baseline": baseline.float().cpu().tolist() if baseline is not None else None,
         "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias,
         "top_k": cfg.top_k,
         "threshold": cfg.threshold,
+        "top_labels": "labels with scores >= threshold, best first, at most top_k",
         "embedding": "float16, every view (global, squares, tiles): views x dim, flattened"
         if cfg.save_embeddings
         else None,

@@ -6,15 +6,19 @@ images and picks the top tags; files that failed to decode get `error` rows. On 
 waits for the device per image or per forward: scores travel back to pinned memory
 asynchronously, and a group's rows are built while the device runs the next forward.
 `Tagger.rescore` gives rows carried over from a previous output the scores this run would give
-them: from their stored embeddings when the labels changed, else from their stored similarity.
+them: from their stored embeddings when the labels (or the scoring rule) changed, else from
+their stored similarity (so a new --top-k or --threshold applies to every row, and rows written
+before the `scores` column existed get it too). The run's tiling (`tiles`, `tile_overlap`) is
+read from the schema's metadata, the description of the run that the rows will carry.
 
-Error rows hold a list of nulls in `similarity` and `probs` rather than a null list: a null
-slot of a fixed-size list does not survive a Parquet round trip in pyarrow before 26
+Error rows hold a list of nulls in `similarity`, `probs` and `scores` rather than a null list:
+a null slot of a fixed-size list does not survive a Parquet round trip in pyarrow before 26
 (apache/arrow#35692), and a list of nulls reads the same in every reader.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -27,7 +31,9 @@ import torch
 from . import scoring, tiling
 from .encoder import Encoder
 from .feed import Fed
+from .labels import Classifier
 from .loader import Item
+from .sink import META_KEY
 
 
 class _ViewQueue:
@@ -86,18 +92,21 @@ class _Scored:
     ok: list[int]  # positions in items that have views
     sim: torch.Tensor | None  # (ok, labels)
     probs: torch.Tensor | None
+    scores: torch.Tensor | None
     emb: torch.Tensor | None  # (views, dim) float16, with --save-embeddings
     event: object = None
 
 
 class Tagger:
-    def __init__(self, encoder: Encoder, classifier: torch.Tensor, labels: list[str],
+    def __init__(self, encoder: Encoder, classifier: Classifier, labels: list[str],
                  schema: pa.Schema, *, top_k: int, threshold: float | None):  # fmt: skip
         self.encoder, self.classifier = encoder, classifier
         self.labels, self.schema = labels, schema
         self.top_k, self.threshold = top_k, threshold
         self.embeddings = "embedding" in schema.names
         self.times = {"encode": 0.0, "wait for device": 0.0, "build rows": 0.0}
+        meta = json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
+        self.tiles, self.overlap = meta.get("tiles", "off"), meta.get("tile_overlap", 0.5)
 
     def stream(self, groups: Iterable[Fed]) -> Iterator[pa.RecordBatch]:
         """Rows for every file of every group, in order, one record batch per scored group."""
@@ -132,27 +141,33 @@ class Tagger:
 
     def score(
         self, emb: torch.Tensor, views: list[int], sizes: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total views, dim) embeddings -> (images, labels) similarity and probabilities."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total views, dim) embeddings -> (images, labels) similarity, probabilities, scores."""
+        enc, size = self.encoder, self.encoder.preprocess.size
+        whole, grids = [], []
+        for v, (w, h) in zip(views, sizes, strict=True):
+            whole.append(tiling.whole_view_count(w, h) if v > 1 else 1)
+            grids.append(tiling.grid_shape(w, h, self.tiles, self.overlap, size) if v > 1 else None)
+        sim_views = scoring.similarity(emb, self.classifier.matrix)  # (views, labels)
+        distinct = scoring.tile_distinctness(emb, views, whole)  # (views,)
+        sim = scoring.combine_views(sim_views, distinct, views, whole, grids, self.overlap)
+        probs = scoring.probabilities(sim, enc.logit_scale, enc.logit_bias)
+        return sim, probs, self._scores(sim)
+
+    def _scores(self, sim: torch.Tensor) -> torch.Tensor:
         enc = self.encoder
-        whole = [
-            tiling.whole_view_count(w, h) if v > 1 else 1
-            for v, (w, h) in zip(views, sizes, strict=True)
-        ]
-        sim_views = scoring.similarity(emb, self.classifier)  # (views, labels)
-        sim = scoring.combine_views(sim_views, views, whole, enc.logit_scale, enc.logit_bias)
-        return sim, scoring.probabilities(sim, enc.logit_scale, enc.logit_bias)
+        return scoring.label_scores(sim, self.classifier.baseline, enc.logit_scale, enc.logit_bias)
 
     def _score(self, items: list[Item], emb: torch.Tensor | None) -> _Scored:
         """Launch a group's scoring on the device and the copy of its results to the host."""
         ok = [i for i, item in enumerate(items) if item.error is None]
         if emb is None or not ok:
-            return _Scored(items, [], None, None, None)
+            return _Scored(items, [], None, None, None, None)
         views = [items[i].views for i in ok]
         sizes = [(items[i].width, items[i].height) for i in ok]
-        sim, probs = self.score(emb, views, sizes)
+        sim, probs, scores = self.score(emb, views, sizes)
         saved = emb.half() if self.embeddings else None
-        scored = _Scored(items, ok, _to_host(sim), _to_host(probs), _to_host(saved))
+        scored = _Scored(items, ok, *(_to_host(t) for t in (sim, probs, scores, saved)))
         if emb.device.type == "cuda":
             scored.event = torch.cuda.Event()
             scored.event.record()
@@ -173,10 +188,11 @@ class Tagger:
         valid = np.zeros(n, bool)
         valid[scored.ok] = True
         sim = np.zeros((n, len(self.labels)), np.float32)
-        probs = np.zeros_like(sim)
+        probs, scores = np.zeros_like(sim), np.zeros_like(sim)
         if scored.ok:
             sim[scored.ok] = scored.sim.float().numpy()
             probs[scored.ok] = scored.probs.float().numpy()
+            scores[scored.ok] = scored.scores.float().numpy()
         columns = {
             "root": [it.entry.root for it in items],
             "path": [it.entry.rel for it in items],
@@ -191,8 +207,8 @@ class Tagger:
         if self.embeddings:
             views = np.array([it.views if ok else 0 for it, ok in zip(items, valid, strict=True)])
             flat = scored.emb.numpy().reshape(-1) if scored.ok else np.empty(0, np.float16)
-            columns["embedding"] = _lists(flat, views * self.classifier.shape[0], valid)
-        return self._finish(columns, sim, probs, valid)
+            columns["embedding"] = _lists(flat, views * self.classifier.matrix.shape[0], valid)
+        return self._finish(columns, sim, probs, scores, valid)
 
     def rescore(self, rows: pa.RecordBatch, *, relabel: bool) -> pa.RecordBatch:
         """Carried `ok` rows in this run's schema, with this run's scores and top tags."""
@@ -201,21 +217,22 @@ class Tagger:
             flat = rows["embedding"].flatten().to_numpy().astype(np.float32)
             emb = torch.from_numpy(flat).view(sum(views), -1).to(self.encoder.device)
             sizes = list(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
-            sim, probs = self.score(emb, views, sizes)
-            sim, probs = sim.float().cpu().numpy(), probs.float().cpu().numpy()
+            sim, probs, scores = (t.float().cpu().numpy() for t in self.score(emb, views, sizes))
         else:
             sim, probs = _matrix(rows["similarity"]), _matrix(rows["probs"])
+            scores = self._scores(torch.from_numpy(sim)).float().cpu().numpy()
         names = ["root", "path", "status", "error", "bytes", "mtime_ns", "width", "height", "views"]
         columns = {name: rows[name] for name in names}
         if self.embeddings:
             columns["embedding"] = rows["embedding"]
-        return self._finish(columns, sim, probs, np.ones(rows.num_rows, bool))
+        return self._finish(columns, sim, probs, scores, np.ones(rows.num_rows, bool))
 
-    def _finish(self, columns: dict, sim, probs, valid) -> pa.RecordBatch:
-        """Add similarity, probs and top tags, and order the columns as the schema does."""
-        top_idx, top_scores = scoring.top_k(torch.from_numpy(probs), self.top_k, self.threshold)
+    def _finish(self, columns: dict, sim, probs, scores, valid) -> pa.RecordBatch:
+        """Add similarity, probs, scores and top tags, and order the columns as the schema does."""
+        top_idx, top_scores = scoring.top_k(torch.from_numpy(scores), self.top_k, self.threshold)
         columns["similarity"] = _fixed(sim, valid)
         columns["probs"] = _fixed(probs, valid)
+        columns["scores"] = _fixed(scores, valid)
         columns["top_labels"] = [
             [self.labels[i] for i in idx] if ok else []
             for idx, ok in zip(top_idx, valid, strict=True)

@@ -43,6 +43,7 @@ def schema(num_labels: int, *, embeddings: bool, metadata: dict) -> pa.Schema:
         pa.field("views", pa.int16()),
         pa.field("similarity", pa.list_(pa.float32(), num_labels)),
         pa.field("probs", pa.list_(pa.float32(), num_labels)),
+        pa.field("scores", pa.list_(pa.float32(), num_labels)),
         pa.field("top_labels", pa.list_(pa.string())),
         pa.field("top_scores", pa.list_(pa.float32())),
     ]

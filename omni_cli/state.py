@@ -9,8 +9,9 @@ Nothing is thrown away behind the user's back: an interrupted run's rows or a pr
 made another way (another model or revision, precision, preprocessing or tiling) make the run
 refuse, naming the difference, unless `--full` says to start over (or `--no-resume`, for an
 interrupted run's rows). A part that cannot be read stops the run and stays where it is. Only
-new labels or prompts are absorbed: rows are rescored from stored embeddings, or everything is
-tagged again, and the message says which.
+new labels or prompts (or a new scoring rule) are absorbed: rows are rescored from stored
+embeddings, or everything is tagged again, and the message says which; a new --top-k or
+--threshold picks the top tags again from the stored scores.
 
 `unchanged` answers the nightly question cheaply, from `stat` and the previous output's keys
 and metadata alone: if every file is as it was and the run is asked for the same way, there is
@@ -33,14 +34,19 @@ import pyarrow.parquet as pq
 from .config import TagConfig
 from .errors import OutputError, UsageError
 from .sink import META_KEY, partial_dir, read_parts
+from .sink import schema as output_schema
 from .sources import FileEntry
 
 # Metadata that decides whether a stored embedding is still the one this run would compute.
 ENCODING = ("model", "revision", "precision", "preprocess", "tiles", "tile_overlap")
-# ... whether a stored row's scores are the ones this run would give.
-SCORING = ("labels", "prompts", "scores", "top_k", "threshold")
+# ... whether its similarity and scores are those this run would compute from that embedding
+# (rows of an output written by another scoring or tiling rule, or before the `scores` column
+# existed, are rescored from their stored embeddings, or tagged again without them) ...
+SCORING = ("labels", "prompts", "scores", "tile_rule")
+# ... whether its top tags are (else they are picked again from its stored scores) ...
+TOPS = ("top_k", "threshold")
 # ... and whether a stored row can be used as it is.
-FINGERPRINT = (*ENCODING, *SCORING, "embedding")
+FINGERPRINT = (*ENCODING, *SCORING, "embedding", *TOPS)
 
 
 @dataclass
@@ -101,6 +107,11 @@ def fingerprint(schema: pa.Schema) -> dict:
     return {k: meta.get(k) for k in FINGERPRINT}
 
 
+def columns(labels: int, embeddings: bool) -> list[str]:
+    """The columns this version writes."""
+    return output_schema(labels, embeddings=embeddings, metadata={}).names
+
+
 def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
     """The previous output's error rows if this run has nothing to do, else None.
 
@@ -113,6 +124,8 @@ def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
     schema = _schema(cfg.output)
     if schema is None or metadata(schema).get("request") != request:
         return None
+    if schema.names != columns(len(request["labels"]), cfg.save_embeddings):
+        return None  # written by another version of omni: its columns differ
     table = pq.read_table(cfg.output, columns=["root", "path", "status", "error", "bytes",
                                                "mtime_ns"])  # fmt: skip
     if table.num_rows != len(entries):
@@ -180,12 +193,14 @@ def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[s
             "Rerun with its options to update it, or with --full to tag everything again "
             "and replace it"
         )
-    relabel = have["labels"] != want["labels"] or have["prompts"] != want["prompts"]
+    rescore = [k for k in SCORING if have[k] != want[k]]
+    relabel = bool(rescore)
     if want["embedding"] and "embedding" not in previous.names:
         return "previous output has no embeddings (--save-embeddings): tagging everything", set()
     if relabel and "embedding" not in previous.names:
+        what = "labels changed" if {"labels", "prompts"} & set(rescore) else "scoring rule changed"
         return (
-            "labels changed and the previous output has no embeddings to rescore from "
+            f"{what} and the previous output has no embeddings to rescore from "
             "(see --save-embeddings): tagging everything"
         ), set()
     table = pq.read_table(output, columns=["root", "path", "status", "bytes", "mtime_ns"])
@@ -196,7 +211,8 @@ def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[s
     plan.previous = output
     plan.carry = pa.array(sorted(carried), pa.string())
     plan.relabel = relabel
-    plan.rescore = any(have[k] != want[k] for k in SCORING) or previous.names != plan.schema.names
+    tops = any(have[k] != want[k] for k in TOPS)
+    plan.rescore = relabel or tops or previous.names != plan.schema.names
     how = "rescored from stored embeddings" if relabel else "carried over"
     return f"incremental: {len(carried):,} unchanged files {how}", carried
 

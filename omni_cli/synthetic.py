@@ -3,10 +3,11 @@
 Each image shows a single red, green or blue circle, square or triangle on a light background,
 either a flat near-white/pastel colour with mild noise ("light") or a low-contrast greyish texture
 made of gradients, soft blobs and noise ("textured"); textures never contain saturated colours, so
-the only strongly coloured object is the labelled shape. Drawing uses numpy for the background and
-PIL ``ImageDraw`` for the shape, so even 4K frames take a few tens of milliseconds. Everything is
-driven by an explicit ``numpy.random.Generator`` so results are reproducible. The module depends on
-numpy and Pillow only.
+the only strongly coloured objects are the labelled shapes. ``draw_scene`` puts several shapes of
+different labels on one canvas, for measuring multi-label tagging. Drawing uses numpy for the
+background and PIL ``ImageDraw`` for the shapes, so even 4K frames take a few tens of
+milliseconds. Everything is driven by an explicit ``numpy.random.Generator`` so results are
+reproducible. The module depends on numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -157,14 +158,68 @@ def draw(
     else:
         cx, cy = float(center[0]) * w, float(center[1]) * h
 
+    _paint(ImageDraw.Draw(img), rng, colour, shape, (cx, cy), width_px, angle)
+    return img
+
+
+def _paint(d, rng, colour: str, shape: str, centre, width_px: float, angle: float) -> None:
+    """Fill one shape, its colour jittered around the named one."""
+    cx, cy = centre
     base = np.asarray(COLORS[colour], dtype=np.float32)
     fill = tuple(int(v) for v in np.clip(base + rng.uniform(-18.0, 18.0, size=3), 0, 255))
-    d = ImageDraw.Draw(img)
     if shape == "circle":
         r = width_px / 2.0
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         d.polygon(_shape_polygon(shape, cx, cy, width_px, angle), fill=fill)
+
+
+def draw_scene(
+    labels: tuple[str, ...] | list[str],
+    size: tuple[int, int] = (448, 448),
+    *,
+    rng: np.random.Generator,
+    shape_frac: tuple[float, float] = (0.15, 0.3),
+    background: str = "light",
+    gap: float = 0.03,
+    tries: int = 200,
+) -> Image.Image:
+    """Draw several shapes (one per label, e.g. ``["red circle", "blue square"]``) on one canvas.
+
+    Each shape's width is drawn uniformly from ``shape_frac`` (fractions of the shorter side); the
+    shapes sit at random positions, fully inside the frame, with at least ``gap`` of the shorter
+    side between their bounding circles, so no two overlap. Raises ``ValueError`` when they cannot
+    be placed in ``tries`` attempts (too many or too large shapes for the canvas).
+    """
+    parsed = [parse_label(label) for label in labels]
+    w, h = int(size[0]), int(size[1])
+    if w < 1 or h < 1:
+        raise ValueError(f"invalid size {size!r}")
+    if background == "light":
+        arr = _light_background(rng, w, h)
+    elif background == "textured":
+        arr = _textured_background(rng, w, h)
+    else:
+        raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
+    img = Image.fromarray(arr, mode="RGB")
+    d = ImageDraw.Draw(img)
+    short = min(w, h)
+    placed: list[tuple[float, float, float]] = []  # centre x, centre y, bounding radius
+    for colour, shape in parsed:
+        width_px = max(float(rng.uniform(*shape_frac)) * short, 2.0)
+        angle = 0.0 if shape == "circle" else math.radians(rng.uniform(-15.0, 15.0))
+        # Radius of a circle around the shape whatever its rotation: half the square's diagonal;
+        # the triangle's base corners are sqrt(7)/4 of its width from the point it turns about.
+        radius = width_px * {"circle": 0.5, "square": math.sqrt(0.5), "triangle": 0.662}[shape]
+        for _ in range(tries):
+            cx = float(rng.uniform(radius, max(radius, w - radius)))
+            cy = float(rng.uniform(radius, max(radius, h - radius)))
+            if all(math.hypot(cx - x, cy - y) >= radius + r + gap * short for x, y, r in placed):
+                break
+        else:
+            raise ValueError(f"cannot place {len(parsed)} shapes of {shape_frac} on {w}x{h}")
+        placed.append((cx, cy, radius))
+        _paint(d, rng, colour, shape, (cx, cy), width_px, angle)
     return img
 
 

@@ -46,6 +46,16 @@ def grid_for(width: int, height: int, tiles: str, overlap: float, input_size: in
     return [(x, y, x + s, y + s) for y in ys for x in xs]
 
 
+def grid_shape(
+    width: int, height: int, tiles: str, overlap: float, input_size: int
+) -> tuple[int, int] | None:
+    """(rows, cols) of this image's tiles as `grid_for` lays them out, or None when untiled."""
+    boxes = grid_for(width, height, tiles, overlap, input_size)
+    if not boxes:
+        return None
+    return len({b[1] for b in boxes}), len({b[0] for b in boxes})
+
+
 def whole_boxes(width: int, height: int, overlap: float = 0.3) -> list[Box]:
     """Squares of the short side spanning the long side; none for a near-square image."""
     short, long = min(width, height), max(width, height)

@@ -120,8 +120,9 @@ def test_threshold_and_top_k(tmp_path, images, labels_file):
         == 0
     )
     for row in pq.read_table(out).to_pylist():
-        ranked = sorted(zip(row["probs"], LABELS, strict=True), reverse=True)[:3]
+        ranked = sorted(zip(row["scores"], LABELS, strict=True), reverse=True)[:3]
         assert row["top_labels"] == [label for p, label in ranked if p >= 0.5]
+        assert row["top_scores"] == [pytest.approx(p) for p, _ in ranked if p >= 0.5]
         assert row["top_labels"][0] == images[row["path"]]  # the model is sure of these
 
 

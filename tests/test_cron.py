@@ -252,14 +252,15 @@ def test_new_labels_rescore_from_stored_embeddings_without_decoding(tmp_path, la
     fewer = tmp_path / "fewer.txt"
     fewer.write_text("red circle\ngreen square\nblue triangle\nred square\n")
     opened.clear()
-    result = tag(config(folder, fewer, out, save_embeddings=True, top_k=2))
+    result = tag(config(folder, fewer, out, save_embeddings=True, top_k=2, threshold=0.0))
     assert opened == [] and result.carried == 9
     rescored = rows_by_path(out)
     fresh = tmp_path / "fresh.parquet"
-    tag(config(folder, fewer, fresh, save_embeddings=True, top_k=2))
+    tag(config(folder, fewer, fresh, save_embeddings=True, top_k=2, threshold=0.0))
     for name, row in rows_by_path(fresh).items():
         # stored embeddings are float16: scores agree to that precision
         assert np.allclose(rescored[name]["similarity"], row["similarity"], atol=2e-3)
+        assert np.allclose(rescored[name]["scores"], row["scores"], atol=2e-3)
         assert rescored[name]["top_labels"] == row["top_labels"] and len(row["top_labels"]) == 2
     # Without stored embeddings new labels mean a full run.
     plain = tmp_path / "plain.parquet"
@@ -433,6 +434,7 @@ def tag_rows(n, start=0):
     columns = {"root": ["r"] * n, "path": names, "status": ["ok"] * n, "error": [None] * n,
                "bytes": [1] * n, "mtime_ns": [1] * n, "width": [1] * n, "height": [1] * n,
                "views": [1] * n, "similarity": [[0.5]] * n, "probs": [[1.0]] * n,
-               "top_labels": [["a"]] * n, "top_scores": [[1.0]] * n}  # fmt: skip
+               "scores": [[0.5]] * n, "top_labels": [["a"]] * n,
+               "top_scores": [[1.0]] * n}  # fmt: skip
     schema = make_schema(1, embeddings=False, metadata={})
     return pa.RecordBatch.from_pydict({k: columns[k] for k in schema.names}, schema=schema)

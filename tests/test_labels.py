@@ -8,8 +8,11 @@ import torch
 from omni_cli.errors import LabelsError, UsageError
 from omni_cli.labels import (
     IMAGENET_TEMPLATES,
+    NEUTRAL_LEVELS,
     cached_classifier,
+    cached_neutral,
     classifier,
+    neutral_pixels,
     prompts_for,
     read_labels,
 )
@@ -106,3 +109,23 @@ def test_classifier_cache_is_keyed_by_model_and_prompts(tmp_path, monkeypatch):
     assert not hit
     _, hit = cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@2")
     assert not hit
+
+
+def test_neutral_embedding_is_the_mean_over_flat_greys_and_cached_per_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNI_CACHE_DIR", str(tmp_path))
+    pixels = neutral_pixels(4)
+    assert pixels.shape == (len(NEUTRAL_LEVELS), 3, 4, 4) and pixels.dtype == torch.uint8
+    assert [int(p.min()) for p in pixels] == [int(p.max()) for p in pixels] == list(NEUTRAL_LEVELS)
+    seen = []
+
+    def encode(batch):  # (n, 3, H, W) -> (n, 2): brightness, and a constant
+        seen.append(len(batch))
+        level = batch.float().mean(dim=(1, 2, 3)) / 255
+        return torch.stack([level, torch.ones_like(level)], dim=1)
+
+    mean, hit = cached_neutral(encode, 4, "model@1")
+    grey = sum(NEUTRAL_LEVELS) / len(NEUTRAL_LEVELS) / 255
+    assert not hit and torch.allclose(mean, torch.tensor([grey, 1.0]))
+    again, hit = cached_neutral(encode, 4, "model@1")
+    assert hit and torch.equal(mean, again) and seen == [len(NEUTRAL_LEVELS)]
+    assert not cached_neutral(encode, 4, "model@2")[1]

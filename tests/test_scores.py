@@ -1,0 +1,197 @@
+"""Per-label scores: each label's score depends on that label alone, and tags name every object."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from omni_cli import scoring, synthetic
+from omni_cli.config import DEFAULT_THRESHOLD, DecodeConfig, ModelConfig, TagConfig
+from omni_cli.pipeline import tag
+from omni_cli.sink import META_KEY
+
+from .conftest import LABELS, MODEL, shape_image
+
+
+def config(folder, labels_file, out, tiles="off", **kw):
+    return TagConfig(
+        inputs=(folder,),
+        labels_file=labels_file,
+        output=out,
+        workers=0,
+        model=ModelConfig(model=str(MODEL), device="cpu", precision="fp32", batch=16),
+        decode=DecodeConfig(tiles=tiles),
+        **kw,
+    )
+
+
+def rows_by_path(out):
+    return {r["path"]: r for r in pq.read_table(out).to_pylist()}
+
+
+def write_labels(path, labels):
+    path.write_text("\n".join(labels) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Frame-filling shapes, two scenes with two shapes apart and a 4K frame with a small one."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, label in enumerate(LABELS):
+        shape_image(label, seed=i).save(folder / f"{label.replace(' ', '_')}.png")
+    rng = np.random.default_rng(5)
+    for pair in (("red circle", "blue square"), ("green triangle", "red square")):
+        scene = synthetic.draw_scene(pair, (1920, 1080), rng=rng, background="textured", gap=0.3)
+        scene.save(folder / f"{'+'.join(pair).replace(' ', '_')}.jpg", quality=90)
+    small = synthetic.draw("blue circle", (3840, 2160), rng=rng, shape_frac=0.05,
+                           center=(0.8, 0.2), background="textured")  # fmt: skip
+    small.save(folder / "4k_blue_circle.jpg", quality=90)
+    return folder
+
+
+@pytest.mark.parametrize("tiles", ["off", "auto"])
+def test_adding_or_removing_a_label_moves_no_other_score(tmp_path, photos, tiles):
+    base = ["red circle", "green square", "blue triangle", "blue circle"]
+    outs = {}
+    for name, labels in {
+        "base": base,
+        "more": [*base, "red square", "green triangle: a picture of a green triangle."],
+        "fewer": base[1:],
+    }.items():
+        out = tmp_path / f"{name}.parquet"
+        tag(config(photos, write_labels(tmp_path / f"{name}.txt", labels), out, tiles=tiles))
+        outs[name] = (labels, rows_by_path(out))
+    labels, rows = outs["base"]
+    for other in ("more", "fewer"):
+        other_labels, other_rows = outs[other]
+        for path, row in rows.items():
+            for i, label in enumerate(labels):
+                if label in other_labels:
+                    j = other_labels.index(label)
+                    assert abs(row["scores"][i] - other_rows[path]["scores"][j]) <= 1e-6
+                    assert abs(row["similarity"][i] - other_rows[path]["similarity"][j]) <= 1e-6
+    # ... whereas the softmax does move (the reason `scores` exists)
+    labels, more = outs["more"]
+    assert any(abs(row["probs"][0] - more[p]["probs"][0]) > 1e-3 for p, row in rows.items())
+
+
+def test_one_label_file_tags_only_what_it_names(tmp_path, photos):
+    out = tmp_path / "one.parquet"
+    tag(config(photos, write_labels(tmp_path / "one.txt", ["red circle"]), out))
+    rows = rows_by_path(out)
+    assert rows["green_square.png"]["top_labels"] == []  # the softmax alone said 1.0
+    assert rows["green_square.png"]["probs"] == [pytest.approx(1.0)]
+    assert rows["green_square.png"]["scores"][0] < 0.2
+    assert rows["red_circle.png"]["top_labels"] == ["red circle"]
+    tagged = {p for p, r in rows.items() if r["top_labels"] and p.endswith(".png")}
+    assert tagged == {"red_circle.png"}
+
+
+def test_multi_object_scenes_get_both_tags_with_tiles(tmp_path, photos, labels_file):
+    tops = {}
+    for tiles in ("off", "auto"):
+        out = tmp_path / f"{tiles}.parquet"
+        tag(config(photos, labels_file, out, tiles=tiles))
+        tops[tiles] = {p: set(r["top_labels"]) for p, r in rows_by_path(out).items()}
+    for scene in ("red_circle+blue_square.jpg", "green_triangle+red_square.jpg"):
+        truth = set(scene[:-4].replace("_", " ").split("+"))
+        assert truth <= tops["auto"][scene], scene
+        assert tops["off"][scene] != truth  # one blended view cannot name both
+    assert tops["auto"]["4k_blue_circle.jpg"] == {"blue circle"}
+    for label in LABELS:  # a frame-filling shape keeps its one tag, tiled or not
+        assert tops["off"][f"{label.replace(' ', '_')}.png"] == {label}
+
+
+def test_metadata_says_how_scores_are_computed(tmp_path, photos, labels_file):
+    out = tmp_path / "tags.parquet"
+    tag(config(photos, labels_file, out))
+    schema = pq.read_schema(out)
+    names = schema.names
+    assert names.index("scores") == names.index("probs") + 1
+    assert schema.field("scores").type == pa.list_(pa.float32(), len(LABELS))
+    meta = json.loads(schema.metadata[META_KEY])
+    assert "score_baseline" in meta["scores"] and meta["threshold"] == DEFAULT_THRESHOLD
+    baseline = np.array(meta["score_baseline"])
+    for row in pq.read_table(out).to_pylist():  # the file alone recomputes the scores
+        sim = np.array(row["similarity"])
+        gain = meta["logit_scale"] * (sim - baseline) - scoring.SCORE_GAIN
+        expected = 1 / (1 + np.exp(-gain))
+        assert np.allclose(row["scores"], expected, atol=1e-5)
+        assert row["top_labels"] == [
+            LABELS[i] for i in np.argsort(-expected)[:5] if expected[i] >= DEFAULT_THRESHOLD
+        ]
+
+
+def test_rows_written_before_scores_are_rescored_or_retagged(tmp_path, labels_file):
+    from .test_cron import make_folder
+
+    folder = tmp_path / "photos"
+    make_folder(folder, 4)
+    for embeddings in (True, False):
+        out = tmp_path / f"old-{embeddings}.parquet"
+        tag(config(folder, labels_file, out, save_embeddings=embeddings))
+        fresh = rows_by_path(out)
+        table = pq.read_table(out)  # as the previous version wrote it: no scores, no rule
+        meta = json.loads(table.schema.metadata[META_KEY])
+        for key in ("scores", "score_baseline", "tile_rule", "request"):
+            meta.pop(key)
+        table = table.drop_columns(["scores"])
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta)})
+        pq.write_table(table, out)
+        result = tag(config(folder, labels_file, out, save_embeddings=embeddings))
+        assert (result.carried, result.tagged) == ((4, 0) if embeddings else (0, 4))
+        again = rows_by_path(out)
+        for path, row in fresh.items():
+            assert np.allclose(again[path]["scores"], row["scores"], atol=2e-3)
+            assert again[path]["top_labels"] == row["top_labels"]
+
+
+def test_label_scores_are_the_models_log_odds_over_a_blank_image():
+    baseline = torch.tensor([0.2, -0.1])
+    sim = torch.tensor([[0.2, 0.0], [0.3, -0.1], [0.7, 0.4]])
+    scores = scoring.label_scores(sim, baseline, logit_scale=100.0)
+    gain = 100.0 * (sim - baseline)  # 0, 10; 10, 0; 50, 50
+    assert torch.allclose(scores, torch.sigmoid(gain - scoring.SCORE_GAIN))
+    assert abs(scores[1, 0] - 0.5) < 1e-4 and scores[0, 0] < 1e-4 and scores[2, 1] > 0.999
+    # The same cosines under a model with another temperature mean other evidence.
+    assert scoring.label_scores(sim, baseline, logit_scale=20.0)[1, 0] < 0.01
+    siglip = scoring.label_scores(sim, None, logit_scale=10.0, logit_bias=-5.0)
+    assert torch.allclose(siglip, torch.sigmoid(sim * 10.0 - 5.0))
+
+
+def test_small_objects_are_read_from_their_tile_large_ones_from_the_whole_image():
+    # A 4 x 6 grid behind 2 whole-image views; labels: (a, b). Background tiles are all alike.
+    rows, cols, whole = 4, 6, 2
+    emb = torch.zeros(whole + rows * cols, 3)
+    emb[:, 0] = 1.0  # background
+    sim = torch.zeros(len(emb), 2)
+    sim[:whole] = torch.tensor([0.9, 0.2])  # the whole image looks like `a`
+
+    def combined(object_tiles, b_tile):
+        e, s = emb.clone(), sim.clone()
+        for t in object_tiles:
+            e[whole + t] = torch.tensor([0.0, 1.0, 0.0])  # unlike the background
+            s[whole + t] = torch.tensor([0.3, 0.6])
+        e[whole + b_tile] = torch.tensor([-1.0, 0.0, 1.0])  # the most distinctive tile
+        s[whole + b_tile] = torch.tensor([0.1, 0.95])  # sees `b` whole
+        e = torch.nn.functional.normalize(e, dim=-1)
+        distinct = scoring.tile_distinctness(e, [len(e)], [whole])
+        return scoring.combine_views(s, distinct, [len(e)], [whole], [(rows, cols)], 0.5)[0]
+
+    small = combined([0, 1, 6], b_tile=7)  # a 2 x 2 group: an object that fits in a tile
+    assert torch.allclose(small, torch.tensor([0.1, 0.95]))  # its tile alone
+    large = combined([c for c in range(12) if c % cols < 5], b_tile=7)  # spans 5 columns
+    assert torch.allclose(large, torch.tensor([0.9, 0.2]))  # the whole-image views
+    busy = torch.zeros(whole + rows * cols, 1 + rows * cols)
+    busy[:whole, 0] = 1.0
+    busy[whole:, 1:] = torch.eye(rows * cols)  # no two tiles alike
+    distinct = scoring.tile_distinctness(busy, [len(busy)], [whole])
+    mixed = scoring.combine_views(sim, distinct, [len(busy)], [whole], [(rows, cols)], 0.5)[0]
+    assert mixed[0] == 0.9  # no background to stand out from: one large group, the whole image
