@@ -3,11 +3,12 @@
 `run_bench` measures, over the same images: decode-only (the DataLoader alone, as `tag` builds
 it), encoder-only (ready uint8 tensors, already on the device, through `Encoder.encode_images`:
 the ceiling), end-to-end `omni tag` to a temporary Parquet file, and optionally the naive loop
-of design.md section 6 (CLIPProcessor per batch of 8, the full model forward with the label
-texts every batch, fp32). Each stage reports images/s, its share of the encoder-only ceiling and
-its peak memory: the CUDA allocator's peak on a GPU, else the RSS of this process plus its decode
-workers, sampled every few milliseconds. Images come from a folder or are synthesised as JPEGs.
-The report is plain data (`BenchReport.to_dict()` is the JSON); `render` draws it for people.
+of design.md section 6 (the model's image processor per batch of 8, the full model forward with
+the label texts every batch, fp32). Each stage reports images/s, its share of the encoder-only
+ceiling and its peak memory: the CUDA allocator's peak on a GPU, else the RSS of this process
+plus its decode workers, sampled every few milliseconds. Images come from a folder or are
+synthesised as JPEGs. The report is plain data (`BenchReport.to_dict()` is the JSON); `render`
+draws it for people.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
             if st.name not in stages or st.seconds < stages[st.name].seconds:
                 stages[st.name] = st
     if cfg.baseline:
-        note("naive loop: CLIPProcessor per batch of 8 + full forward, fp32")
+        note("naive loop: image processor per batch of 8 + full forward, fp32")
         stages["baseline"] = _baseline_stage(cfg, entries, device)
         _release(device)
     stages = list(stages.values())
@@ -350,23 +351,27 @@ def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device) ->
 
 
 def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
-    """design.md section 6: CLIPProcessor per batch of 8, full forward with texts, fp32."""
+    """design.md section 6: the model's processor per batch of 8, full forward with texts, fp32.
+
+    CLIP scores with a softmax; SigLIP pads its prompts to max_length and scores with a sigmoid.
+    """
     from PIL import Image
 
     from .synthetic import LABELS
 
     model, processor, tokenizer = _naive_model(cfg.model.model, device)
+    siglip = model.config.model_type.startswith("siglip")
     texts = [f"a photo of a {label}." for label in LABELS]
     paths = [e.path for e in entries]
 
     def step(batch_paths):
         images = [Image.open(p).convert("RGB") for p in batch_paths]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        tokens = tokenizer(texts, padding="max_length" if siglip else True, return_tensors="pt")
         with torch.no_grad():
-            out = model(pixel_values=pixel_values.to(device), input_ids=tokens["input_ids"].to(
-                device), attention_mask=tokens["attention_mask"].to(device))  # fmt: skip
-            return out.logits_per_image.softmax(dim=-1).cpu()
+            out = model(pixel_values=pixel_values.to(device), **tokens.to(device))
+            logits = out.logits_per_image
+            return (logits.sigmoid() if siglip else logits.softmax(dim=-1)).cpu()
 
     step(paths[:NAIVE_BATCH])  # warm-up, as for the encoder
     with PeakMemory(device) as mem:
@@ -378,25 +383,31 @@ def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
 
 
 def _naive_model(model_id: str, device: torch.device):
-    """(CLIPModel fp32, image processor, tokenizer) the way the guide loads them.
+    """(model fp32, image processor, tokenizer) the way the guide loads them, for any
+    CLIP-style model (`AutoModel`: CLIP, SigLIP, ...).
 
     The image processor is always the PIL one, as in the guide: with torchvision installed,
     transformers 5 would otherwise pick its torchvision backend, a different baseline.
     """
     import transformers
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     from . import archs
     from .encoder import _check_source, _quiet
 
-    pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     if archs.is_random(model_id):  # no processor exists for these: the defaults are CLIP's own
         model = archs.build(model_id, torch.float32).eval().to(device)
+        pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
         return model, pil(), archs.ByteTokenizer()
     source = _check_source(model_id)
     with _quiet():
-        model = CLIPModel.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-        processor, tokenizer = pil.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(
+            source, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+        processor = AutoImageProcessor.from_pretrained(
+            source, backend="pil", trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     return model.eval().to(device), processor, tokenizer
 
 
@@ -423,7 +434,8 @@ def render(report: BenchReport, console) -> None:
     console.print(
         "decode only: the DataLoader alone, uint8 batches; encoder only: uint8 tensors already "
         "on the device through Encoder.encode_images (the ceiling); end to end: omni tag to "
-        "Parquet; naive loop: CLIPProcessor per batch of 8 + full forward with texts, fp32."
+        "Parquet; naive loop: the model's image processor (PIL) per batch of 8 + full forward "
+        "with texts, fp32."
     )
     m = report.machine
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"

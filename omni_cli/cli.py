@@ -296,7 +296,7 @@ def bench(
     images: Path = typer.Option(None, help="Folder of images to time (default: synthetic)."),
     synthetic: int = typer.Option(128, help="Synthesise this many JPEGs when no --images."),
     resolution: str = typer.Option("1024x768", help="Synthetic size: 1080p, 4k, 720p or WxH."),
-    baseline: bool = typer.Option(False, help="Also time the naive loop (CLIPProcessor, fp32)."),
+    baseline: bool = typer.Option(False, help="Also time the naive loop (processor, fp32)."),
     exact: bool = typer.Option(False, help="Decode and resize as transformers does (slower)."),
     tiles: str = typer.Option("off", help="off, auto or RxC, as `tag --tiles`."),
     tile_overlap: float = typer.Option(0.5, help="Overlap between neighbouring tiles."),

@@ -297,7 +297,9 @@ def _bnb_replace(model: torch.nn.Module, precision: str, dtype: torch.dtype) -> 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, torch.nn.Linear) or full in skip:
+            # Exactly nn.Linear, as transformers' own replacement: nn.MultiheadAttention (SigLIP's
+            # pooling head) reads its out_proj (a Linear subclass) weight directly.
+            if type(child) is not torch.nn.Linear or full in skip:
                 continue
             bias = child.bias is not None
             weight = child.weight.data

@@ -221,8 +221,10 @@ def weight_bytes(model: torch.nn.Module, precision: str, device: torch.device) -
             if device.type == "cpu" and precision == "int8"
             else set(get_keys_to_not_convert(model))
         )
+        # Exactly nn.Linear, as both quantisers match: not the out_proj of nn.MultiheadAttention
+        # (SigLIP's pooling head), a Linear subclass whose weight attention reads directly.
         quantised = {name for name, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and name not in skip}  # fmt: skip
+                     if type(m) is torch.nn.Linear and name not in skip}  # fmt: skip
     dynamic_int8 = device.type == "cpu" and precision == "int8"
     total = 0
     for name, module in model.named_modules():
