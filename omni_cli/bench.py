@@ -389,16 +389,14 @@ def _naive_model(model_id: str, device: torch.device):
     The image processor is always the PIL one, as in the guide: with torchvision installed,
     transformers 5 would otherwise pick its torchvision backend, a different baseline.
     """
-    import transformers
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     from . import archs
     from .encoder import _check_source, _quiet
 
-    if archs.is_random(model_id):  # no processor exists for these: the defaults are CLIP's own
+    if archs.is_random(model_id):  # no files exist for these: the family's hub defaults
         model = archs.build(model_id, torch.float32).eval().to(device)
-        pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-        return model, pil(), archs.ByteTokenizer()
+        return model, archs.processor(model_id), archs.tokenizer(model_id)
     source = _check_source(model_id)
     with _quiet():
         model = AutoModel.from_pretrained(

@@ -186,7 +186,8 @@ def load_encoder(cfg: ModelConfig, *, exact: bool = False) -> Encoder:
     if archs.is_random(cfg.model):
         model = archs.build(cfg.model, compute_dtype(precision, device)).eval()
         model = quantise(model, precision, device)
-        enc = _assemble(cfg, model, archs.ByteTokenizer(), None, device, precision, exact)
+        tokenizer, processor = archs.tokenizer(cfg.model), archs.processor(cfg.model)
+        enc = _assemble(cfg, model, tokenizer, processor, device, precision, exact)
     else:
         enc = _load_pretrained(cfg, device, precision, exact, max_gpu_memory)
     if cfg.batch is None and device.type == "cuda":

@@ -119,6 +119,19 @@ def test_vram_estimate_within_15_percent_of_measured():
     assert 0.85 < row["estimated_peak"]["16"] / row["measured_peak"]["16"] < 1.15
 
 
+def test_vram_sizes_random_siglip_without_weights():
+    cfg = vram.VramConfig(model="random:siglip-b-16", precisions=("fp32", "bf16"), budget=8 << 30,
+                          device="cpu", batches=(1,))  # fmt: skip
+    rows = {r.precision: r for r in vram.estimate(cfg).rows}
+    # google/siglip-base-patch16-224 has 203.2M parameters; counted on the meta device.
+    assert 203.0e6 < rows["fp32"].weights / 4 < 203.3e6
+    assert 0.49 < rows["bf16"].weights / rows["fp32"].weights < 0.51
+    # Measured (`omni vram --measure`, CPU, fp32, batches 2 and 8): 7.84 MB of activations per
+    # view. 196 patch tokens, no class token, and a fused GELU keeping two MLP-wide tensors;
+    # counting a class token and QuickGELU's three, as for CLIP, made it 10.3 MB.
+    assert abs(rows["fp32"].per_view / 7_837_013 - 1) < 0.02
+
+
 def test_nf4_leaves_the_attention_pooling_head_alone():
     """Swapping the pooling head's out_proj for a 4-bit layer broke its forward."""
     pytest.importorskip("bitsandbytes")
