@@ -3,11 +3,12 @@
 `run_bench` measures, over the same images: decode-only (the DataLoader alone, as `tag` builds
 it), encoder-only (ready uint8 tensors, already on the device, through `Encoder.encode_images`:
 the ceiling), end-to-end `omni tag` to a temporary Parquet file, and optionally the naive loop
-of design.md section 6 (CLIPProcessor per batch of 8, the full model forward with the label
-texts every batch, fp32). Each stage reports images/s, its share of the encoder-only ceiling and
-its peak memory: the CUDA allocator's peak on a GPU, else the RSS of this process plus its decode
-workers, sampled every few milliseconds. Images come from a folder or are synthesised as JPEGs.
-The report is plain data (`BenchReport.to_dict()` is the JSON); `render` draws it for people.
+of design.md section 6 (the model's image processor per batch of 8, the full model forward with
+the label texts every batch, fp32). Each stage reports images/s, its share of the encoder-only
+ceiling and its peak memory: the CUDA allocator's peak on a GPU, else the RSS of this process
+plus its decode workers, sampled every few milliseconds. Images come from a folder or are
+synthesised as JPEGs. The report is plain data (`BenchReport.to_dict()` is the JSON); `render`
+draws it for people.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
             if st.name not in stages or st.seconds < stages[st.name].seconds:
                 stages[st.name] = st
     if cfg.baseline:
-        note("naive loop: CLIPProcessor per batch of 8 + full forward, fp32")
+        note("naive loop: image processor per batch of 8 + full forward, fp32")
         stages["baseline"] = _baseline_stage(cfg, entries, device)
         _release(device)
     stages = list(stages.values())
@@ -359,23 +360,27 @@ def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device, mo
 
 
 def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
-    """design.md section 6: CLIPProcessor per batch of 8, full forward with texts, fp32."""
+    """design.md section 6: the model's processor per batch of 8, full forward with texts, fp32.
+
+    CLIP scores with a softmax; SigLIP pads its prompts to max_length and scores with a sigmoid.
+    """
     from PIL import Image
 
     from .synthetic import LABELS
 
     model, processor, tokenizer = _naive_model(cfg.model.model, device)
+    siglip = model.config.model_type.startswith("siglip")
     texts = [f"a photo of a {label}." for label in LABELS]
     paths = [e.path for e in entries[: cfg.baseline_images]]
 
     def step(batch_paths):
         images = [Image.open(p).convert("RGB") for p in batch_paths]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        tokens = tokenizer(texts, padding="max_length" if siglip else True, return_tensors="pt")
         with torch.no_grad():
-            out = model(pixel_values=pixel_values.to(device), input_ids=tokens["input_ids"].to(
-                device), attention_mask=tokens["attention_mask"].to(device))  # fmt: skip
-            return out.logits_per_image.softmax(dim=-1).cpu()
+            out = model(pixel_values=pixel_values.to(device), **tokens.to(device))
+            logits = out.logits_per_image
+            return (logits.sigmoid() if siglip else logits.softmax(dim=-1)).cpu()
 
     step(paths[:NAIVE_BATCH])  # warm-up, as for the encoder
     with PeakMemory(device) as mem:
@@ -387,30 +392,29 @@ def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
 
 
 def _naive_model(model_id: str, device: torch.device):
-    """(CLIPModel fp32, image processor, tokenizer) the way the guide loads them.
+    """(model fp32, image processor, tokenizer) the way the guide loads them, for any
+    CLIP-style model (`AutoModel`: CLIP, SigLIP, ...).
 
     The image processor is always the PIL one, as in the guide: with torchvision installed,
     transformers 5 would otherwise pick its torchvision backend, a different baseline.
     """
-    import transformers
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     from . import archs
     from .hub import resolve
     from .loading import quiet
 
-    pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-    if archs.is_random(model_id):  # no processor exists for these: the defaults are CLIP's own
+    if archs.is_random(model_id):  # no files exist for these: the family's hub defaults
         model = archs.build(model_id, torch.float32, device).eval()
-        return model, pil(), archs.ByteTokenizer()
+        return model, archs.processor(model_id), archs.tokenizer(model_id)
     source = resolve(model_id)
+    common = {"trust_remote_code": False, "local_files_only": source.local_only}
     with quiet():
-        kwargs = {"local_files_only": source.local_only}
-        model = CLIPModel.from_pretrained(
-            source.name, dtype=torch.float32, use_safetensors=True, **kwargs
+        model = AutoModel.from_pretrained(
+            source.name, dtype=torch.float32, use_safetensors=True, **common
         )
-        processor = pil.from_pretrained(source.name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.name, **kwargs)
+        processor = AutoImageProcessor.from_pretrained(source.name, backend="pil", **common)
+        tokenizer = AutoTokenizer.from_pretrained(source.name, **common)
     return model.eval().to(device), processor, tokenizer
 
 
@@ -447,7 +451,8 @@ def render(report: BenchReport, console) -> None:
         "workers; gpu: nvJPEG; hybrid: both, the CPU share tuned as it runs)",
         "encoder": "encoder only: uint8 views already on the device (the ceiling)",
         "tag": "end to end: omni tag to Parquet",
-        "baseline": "naive loop: CLIPProcessor per batch of 8 + full forward with texts, fp32",
+        "baseline": "naive loop: the model's image processor (PIL) per batch of 8 + full "
+        "forward with texts, fp32",
     }
     console.print("; ".join(text for key, text in meaning.items() if key in names) + ".")
     for st in report.stages:

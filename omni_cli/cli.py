@@ -506,7 +506,9 @@ def _raise_terminated(signum, frame):
 
 @app.command()
 def bench(
-    model: str = _model_option("random:vit-b-32", ", or random:vit-b-32 / random:vit-l-14"),
+    model: str = _model_option(
+        "random:vit-b-32", ", or random:vit-b-32 / random:vit-l-14 / random:siglip-b-16"
+    ),
     device: str = _device_option(),
     precision: str = _precision_option(),
     batch: str = _batch_option(),
@@ -521,7 +523,9 @@ def bench(
         "1024x768", metavar="SIZE", help="Synthetic size: 1080p, 4k, 720p or WxH."
     ),
     baseline: bool = typer.Option(
-        False, help="Also time the naive loop: CLIPProcessor per batch of 8, full forward, fp32."
+        False,
+        help="Also time the naive loop: the model's image processor per batch of 8, full "
+        "forward with texts, fp32.",
     ),
     exact: bool = typer.Option(False, help="Decode and resize as transformers does (slower)."),
     tiles: str = _tiles_option(),

@@ -40,7 +40,8 @@ def load_encoder(cfg: ModelConfig, *, exact: bool = False) -> Encoder:
         on = device if precision not in ("int8", "nf4") else "cpu"  # quantised: placed later
         model = archs.build(cfg.model, compute_dtype(precision, device), on).eval()
         model = quantise(model, precision, device)
-        enc = _assemble(cfg, model, archs.ByteTokenizer(), None, device, precision, exact)
+        tokenizer, processor = archs.tokenizer(cfg.model), archs.processor(cfg.model)
+        enc = _assemble(cfg, model, tokenizer, processor, device, precision, exact)
     else:
         enc = _load_pretrained(cfg, device, precision, exact, max_gpu_memory)
     if cfg.batch is None and device.type == "cuda":
@@ -150,7 +151,9 @@ def _bnb_replace(model: torch.nn.Module, precision: str, dtype: torch.dtype) -> 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, torch.nn.Linear) or full in skip:
+            # Exactly nn.Linear, as transformers' own replacement: nn.MultiheadAttention (SigLIP's
+            # pooling head) reads its out_proj (a Linear subclass) weight directly.
+            if type(child) is not torch.nn.Linear or full in skip:
                 continue
             bias = child.bias is not None
             weight = child.weight.data

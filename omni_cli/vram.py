@@ -181,8 +181,10 @@ def weight_bytes(model: torch.nn.Module, precision: str, device: torch.device) -
             if device.type == "cpu" and precision == "int8"
             else set(get_keys_to_not_convert(model))
         )
+        # Exactly nn.Linear, as both quantisers match: not the out_proj of nn.MultiheadAttention
+        # (SigLIP's pooling head), a Linear subclass whose weight attention reads directly.
         quantised = {name for name, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and name not in skip}  # fmt: skip
+                     if type(m) is torch.nn.Linear and name not in skip}  # fmt: skip
     dynamic_int8 = device.type == "cpu" and precision == "int8"
     total = 0
     for name, module in model.named_modules():
@@ -211,11 +213,13 @@ def _quantised_weight(n: int, rows: int, precision: str, device: torch.device) -
 def activation_bytes(vision, precision: str, device: torch.device) -> int:
     """Peak activation bytes per view of the vision tower in inference, as `Encoder` runs it.
 
-    With S the input side, T = (S/P)^2 + 1 tokens, D the width, I the MLP width and e the
-    compute dtype's size: the input normalised on the device stays alive through the forward
-    (3 S^2 e) and the peak is inside one transformer layer, where the residual stream, the
-    layer norm, q/k/v and the attention output (4 T D e together) meet the MLP's hidden
-    activation and QuickGELU's temporaries (3 T I e). Attention runs through SDPA, whose
+    With S the input side, T = (S/P)^2 + 1 tokens (no class token in SigLIP), D the width, I
+    the MLP width and e the compute dtype's size: the input normalised on the device stays
+    alive through the forward (3 S^2 e) and the peak is inside one transformer layer, where the
+    residual stream, the layer norm, q/k/v and the attention output (4 T D e together) meet the
+    MLP's hidden activation and QuickGELU's temporaries (3 T I e; a fused GELU such as
+    SigLIP's keeps two, 2 T I e). SigLIP's attention-pooling head has one query: it adds less
+    than a layer. Attention runs through SDPA, whose
     flash / memory-efficient kernels keep no T x T matrix; an `eager` model adds 2 H T^2 e.
     Before the forward, normalising in fp32 holds three float copies of the input (12 S^2),
     which bounds the peak for small models (measured exact on the CPU for the fixture). On
@@ -226,10 +230,12 @@ def activation_bytes(vision, precision: str, device: torch.device) -> int:
 
     e = torch.empty(0, dtype=compute_dtype(precision, device)).element_size()
     side, patch = vision.image_size, vision.patch_size
-    tokens = (side // patch) ** 2 + 1
+    siglip = vision.model_type.startswith("siglip")
+    tokens = (side // patch) ** 2 + (0 if siglip else 1)
     width, mlp = vision.hidden_size, vision.intermediate_size
     pixels = 3 * side * side
-    layer = tokens * (4 * width + 3 * mlp) * e
+    hidden = 3 if vision.hidden_act == "quick_gelu" else 2  # MLP-wide tensors alive at once
+    layer = tokens * (4 * width + hidden * mlp) * e
     if getattr(vision, "_attn_implementation", "sdpa") == "eager":
         layer += 2 * vision.num_attention_heads * tokens * tokens * e
     if precision == "int8":
