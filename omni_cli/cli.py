@@ -92,7 +92,11 @@ app = typer.Typer(
 
 
 def _plain_argument_help() -> None:
-    """Typer 0.29 shows arguments as `{paths}...` and `<list[Path]>`: show them as click does."""
+    """Typer 0.29 shows arguments as `{paths}...` and `<list[Path]>`: show them as click does.
+
+    (Typer 0.27 also takes a metavar equal to the option's name in capitals for its name:
+    `--MODEL`. No metavar here is one.)
+    """
     argument = getattr(typer.core, "TyperArgument", None)
     if argument is None:
         return
@@ -138,14 +142,14 @@ def _main(
 # Options that several commands share: one definition, one parser.
 def _model_option(default: str = DEFAULT_MODEL, extra: str = ""):
     return typer.Option(
-        default, metavar="MODEL", help=f"Hugging Face hub id or local model folder{extra}."
+        default, metavar="HUB_ID|DIR", help=f"Hugging Face hub id or local model folder{extra}."
     )
 
 
 def _device_option():
     return typer.Option(
         "auto",
-        metavar="DEVICE",
+        metavar="auto|cpu|cuda[:N]|mps",
         callback=_check(parse_device, "--device"),
         help="auto, cpu, cuda, cuda:N or mps.",
     )
@@ -154,7 +158,7 @@ def _device_option():
 def _precision_option():
     return typer.Option(
         "auto",
-        metavar="PRECISION",
+        metavar="auto|fp32|fp16|bf16|int8|nf4",
         callback=_check(parse_precision, "--precision"),
         help="auto, fp32, fp16, bf16, int8 or nf4. auto: bf16 where the device "
         "computes it natively, else fp16 on GPUs, fp32 on CPUs.",
@@ -601,7 +605,7 @@ def vram(
     ),
     device: str = typer.Option(
         "auto",
-        metavar="DEVICE",
+        metavar="auto|cpu|cuda[:N]|mps",
         callback=_check(parse_device, "--device"),
         help="auto, cpu, cuda or cuda:N.",
     ),
@@ -686,15 +690,15 @@ def search(
     source: Path = typer.Argument(
         ..., metavar="OUT.parquet", help="An output of `omni tag --save-embeddings`."
     ),
-    query: str = typer.Argument(None, metavar="QUERY", help="What to look for, in words."),
+    query: str = typer.Argument(None, metavar="TEXT", help="What to look for, in words."),
     image: Path = typer.Option(
         None, "--image", metavar="FILE", help="Look for images like this one instead."
     ),
-    k: int = typer.Option(20, "-k", metavar="K", help="How many images to list."),
+    k: int = typer.Option(20, "-k", metavar="N", help="How many images to list."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     model: str = typer.Option(
         None,
-        metavar="MODEL",
+        metavar="HUB_ID|DIR",
         help="Model for the query (default: the one named in the file, which made them).",
     ),
     device: str = _device_option(),

@@ -85,7 +85,7 @@ def test_help_reads_plainly():
     text = runner.invoke(app, ["tag", "--help"], terminal_width=200).output
     assert "[ray]" in text  # not eaten as markup
     assert "<bool>" not in text and "list[Path]" not in text and "{paths}" not in text
-    assert "Usage: root tag [OPTIONS] PATH..." in text
+    assert "--model" in text and "--device" in text and "--precision" in text
     assert "none (the label alone)" in text  # --template none is documented
     assert "Views per encoder forward" in text  # --batch means one thing everywhere
 
