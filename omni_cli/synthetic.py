@@ -116,6 +116,20 @@ def _shape_polygon(
     return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
 
 
+def _canvas(rng: np.random.Generator, size, background: str) -> Image.Image:
+    """An empty ``size`` canvas with a ``"light"`` or ``"textured"`` background."""
+    w, h = int(size[0]), int(size[1])
+    if w < 1 or h < 1:
+        raise ValueError(f"invalid size {size!r}")
+    if background == "light":
+        arr = _light_background(rng, w, h)
+    elif background == "textured":
+        arr = _textured_background(rng, w, h)
+    else:
+        raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
+    return Image.fromarray(arr, mode="RGB")
+
+
 def draw(
     label: str,
     size: tuple[int, int] = (224, 224),
@@ -133,16 +147,8 @@ def draw(
     ``background`` is ``"light"`` or ``"textured"``.
     """
     colour, shape = parse_label(label)
-    w, h = int(size[0]), int(size[1])
-    if w < 1 or h < 1:
-        raise ValueError(f"invalid size {size!r}")
-    if background == "light":
-        arr = _light_background(rng, w, h)
-    elif background == "textured":
-        arr = _textured_background(rng, w, h)
-    else:
-        raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
-    img = Image.fromarray(arr, mode="RGB")
+    img = _canvas(rng, size, background)
+    w, h = img.size
 
     width_px = rng.uniform(0.35, 0.8) * min(w, h) if shape_frac is None else float(shape_frac) * w
     width_px = max(width_px, 2.0)
@@ -192,16 +198,8 @@ def draw_scene(
     be placed in ``tries`` attempts (too many or too large shapes for the canvas).
     """
     parsed = [parse_label(label) for label in labels]
-    w, h = int(size[0]), int(size[1])
-    if w < 1 or h < 1:
-        raise ValueError(f"invalid size {size!r}")
-    if background == "light":
-        arr = _light_background(rng, w, h)
-    elif background == "textured":
-        arr = _textured_background(rng, w, h)
-    else:
-        raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
-    img = Image.fromarray(arr, mode="RGB")
+    img = _canvas(rng, size, background)
+    w, h = img.size
     d = ImageDraw.Draw(img)
     short = min(w, h)
     placed: list[tuple[float, float, float]] = []  # centre x, centre y, bounding radius

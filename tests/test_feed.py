@@ -251,30 +251,13 @@ def test_loader_batches_are_small_and_bounded_in_bytes():
 
 
 def test_a_feeding_thread_gives_the_same_groups_and_passes_errors_on(tmp_path):
-    folder = zoo(tmp_path / "zoo")
-    entries = list(discover([folder]))
-    plain = list(
-        Feeder(
-            make_loader(entries, SPEC, files=4, workers=0, split=Split(0.0)),
-            SPEC,
-            CPU,
-            8,
-            decoder=FakeDecoder(),
-            split=Split(0.0),
-            thread=False,
-        )
-    )
-    threaded = list(
-        Feeder(
-            make_loader(entries, SPEC, files=4, workers=0, split=Split(0.0)),
-            SPEC,
-            CPU,
-            8,
-            decoder=FakeDecoder(),
-            split=Split(0.0),
-            thread=True,
-        )
-    )
+    entries = list(discover([zoo(tmp_path / "zoo")]))
+
+    def feeder(decoder, thread):
+        loader = make_loader(entries, SPEC, files=4, workers=0, split=Split(0.0))
+        return Feeder(loader, SPEC, CPU, 8, decoder=decoder, split=Split(0.0), thread=thread)
+
+    plain, threaded = list(feeder(FakeDecoder(), False)), list(feeder(FakeDecoder(), True))
     assert [[i.entry.rel for i in f.items] for f in plain] == [
         [i.entry.rel for i in f.items] for f in threaded]  # fmt: skip
     assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(plain, threaded, strict=True))
@@ -282,10 +265,8 @@ def test_a_feeding_thread_gives_the_same_groups_and_passes_errors_on(tmp_path):
     def broken(files, device):
         raise KeyboardInterrupt  # anything the thread meets reaches the consumer
 
-    feeder = Feeder(make_loader(entries, SPEC, files=4, workers=0, split=Split(0.0)), SPEC, CPU,
-                    8, decoder=broken, split=Split(0.0), thread=True)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
-        list(feeder)
+        list(feeder(broken, True))
 
 
 def test_hybrid_run_with_workers_tags_every_file_once(tmp_path, labels_file):
