@@ -176,6 +176,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def resized(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
+    """(width, height) after the processor's resize: short side to `shortest_edge`, the long
+    side scaled and truncated as CLIPImageProcessor does."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
 def crop_box(width: int, height: int, spec: Preprocess) -> tuple[float, ...] | None:
     """The global view's source box (left, top, right, bottom) in the image's own pixels.
 
@@ -186,9 +194,7 @@ def crop_box(width: int, height: int, spec: Preprocess) -> tuple[float, ...] | N
     """
     if spec.shortest_edge is None:
         return None
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    new_w, new_h = resized(width, height, spec.shortest_edge)
     top, left = (new_h - spec.size) // 2, (new_w - spec.size) // 2
     if top < 0 or left < 0:
         return None
@@ -208,10 +214,7 @@ def resize_crop(img: Image.Image, spec: Preprocess) -> np.ndarray:
         # throws away. 1024x768 JPEG: 3.1 -> 2.5 ms per image on one EPYC core.
         size = (spec.size, spec.size)
         return np.asarray(img.resize(size, _filter(spec), box=box, reducing_gap=_gap(spec)))
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    new_w, new_h = resized(img.width, img.height, spec.shortest_edge)
     top, left = (new_h - spec.size) // 2, (new_w - spec.size) // 2
     out = np.asarray(img.resize((new_w, new_h), _filter(spec), reducing_gap=_gap(spec)))
     if top < 0 or left < 0:  # a processor whose resize is smaller than its crop: pad like it does

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tiling
-from .decode import Preprocess, crop_box
+from .decode import Preprocess, crop_box, resized
 
 # (list of 1-D uint8 CPU tensors holding JPEG files, device) -> list of (3, H, W) uint8 tensors
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
@@ -102,9 +102,7 @@ def _global_views(group: list[torch.Tensor], width: int, height: int, spec: Prep
         return resize(torch.stack([img[:, top:bottom, left:right] for img in group]), size, size)
     stack = torch.stack(group)
     # A processor whose crop is larger than its resize pads, as decode.resize_crop does.
-    short, long = min(width, height), max(width, height)
-    new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    new_w, new_h = resized(width, height, spec.shortest_edge)
     small = resize(stack, new_h, new_w)
     padded = small.new_zeros(len(stack), 3, max(new_h, size), max(new_w, size))
     top, left = (new_h - size) // 2, (new_w - size) // 2

@@ -68,7 +68,6 @@ class SplitControl:
         self.per_cpu_image: float | None = None  # one worker's seconds per image
         self.per_device_image: float | None = None  # the feeder's seconds per device image
         self.seen = 0
-        self.history: list[float] = [split.share]
 
     def cpu(self, images: int, seconds: float) -> None:
         self.cpu_images += images
@@ -95,7 +94,6 @@ class SplitControl:
         ct = capacity * self.per_device_image
         best = min(MAX_SHARE, ct / (1 + ct))
         self.split.share += SMOOTHING * (best - self.split.share)
-        self.history.append(round(self.split.share, 3))
 
 
 class Feeder:

@@ -182,9 +182,9 @@ def files_per_batch(views_per_forward: int, spec: decode.Preprocess, workers: in
     A batch never needs more files than one forward takes; workers x PREFETCH batches are in
     flight at once, each of at most files x views x (3 x size^2) bytes.
     """
-    per_file = views_per_file(spec) * 3 * spec.size * spec.size
-    by_memory = IN_FLIGHT_BYTES // (max(1, workers) * PREFETCH * per_file)
-    by_forward = -(-views_per_forward // views_per_file(spec))
+    views = views_per_file(spec)
+    by_memory = IN_FLIGHT_BYTES // (max(1, workers) * PREFETCH * views * 3 * spec.size**2)
+    by_forward = -(-views_per_forward // views)
     return max(1, min(MAX_FILES_PER_BATCH, by_memory, by_forward))
 
 
