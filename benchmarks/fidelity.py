@@ -1,6 +1,6 @@
 """Fidelity of the fast path: does draft decoding change what the model says?
 
-On a generated set (the 9 colour-shape labels of omni_cli.synthetic, textured and light
+On a generated set (the 9 colour-shape labels of omni_cli.tools.synthetic, textured and light
 backgrounds, several photo sizes, JPEG), with the trained fixture model tests/fixtures/tiny-clip,
 compares three preprocessing paths through the same weights:
 
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni_cli import decode
-from omni_cli.bench import machine_info
 from omni_cli.config import ModelConfig
-from omni_cli.loading import load_encoder
-from omni_cli.synthetic import LABELS, draw
+from omni_cli.inputs import decode
+from omni_cli.model.loading import load_encoder
+from omni_cli.tools.bench import machine_info
+from omni_cli.tools.synthetic import LABELS, draw
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-clip"
 SIZES = ((1024, 768), (1920, 1080), (768, 1024), (3840, 2160), (640, 480))

@@ -1,7 +1,7 @@
 """GPU throughput (an H100 or H200 with ~16 cores): every stage side by side, in one run.
 
 Self-contained: synthesises photo-like JPEGs (in parallel on every core), then runs
-`omni bench` (omni_cli.bench.run_bench) on CUDA, with default options (`--batch auto`,
+`omni bench` (omni_cli.tools.bench.run_bench) on CUDA, with default options (`--batch auto`,
 default workers, `--decode auto`, i.e. hybrid), for random-weight models that time exactly like
 the real ones:
 
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ba
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from omni_cli.bench import BenchConfig, render, run_bench, synthesise  # noqa: E402
 from omni_cli.config import ModelConfig  # noqa: E402
+from omni_cli.tools.bench import BenchConfig, render, run_bench, synthesise  # noqa: E402
 
 RUNS = (  # (name, model, folder, tiles, naive-loop baseline)
     ("vit-l-14 1080p", "random:vit-l-14", "1080p", "off", True),
@@ -75,8 +75,8 @@ def make_images(folder: Path, n: int, size: tuple[int, int], copies: int = 1) ->
 
 def probe_nvjpeg(folder: Path, console: Console) -> None:
     """The device decoder alone on files already in memory, and with the views cut after it."""
-    from omni_cli.decode import Preprocess
-    from omni_cli.devdecode import device_views, nvjpeg_decoder
+    from omni_cli.inputs.decode import Preprocess
+    from omni_cli.inputs.devdecode import device_views, nvjpeg_decoder
 
     decoder = nvjpeg_decoder()
     if decoder is None:
@@ -166,10 +166,10 @@ def main() -> None:
 
 def ab_thread(console: Console, folders: dict, args) -> None:
     """ViT-L/14 `tag --decode gpu` with the feeding thread and without it, side by side."""
-    import omni_cli.feed
+    import omni_cli.inputs.feed
 
     for thread in (True, False):
-        omni_cli.feed.THREAD = thread
+        omni_cli.inputs.feed.THREAD = thread
         cfg = BenchConfig(
             model=ModelConfig(model="random:vit-l-14", device="cuda", precision="bf16"),
             images=folders["1080p"], workers=args.workers, decode="gpu", stages=("tag",),
@@ -180,7 +180,7 @@ def ab_thread(console: Console, folders: dict, args) -> None:
             f"  feeding thread {'on ' if thread else 'off'}: tag (gpu) "
             f"{stage.images_per_second:,.0f}/s in {stage.seconds:.2f} s ({spent})"
         )
-    omni_cli.feed.THREAD = True
+    omni_cli.inputs.feed.THREAD = True
 
 
 def targets(console: Console, reports: dict) -> None:

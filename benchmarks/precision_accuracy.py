@@ -20,7 +20,7 @@ from _machine import describe  # noqa: E402
 
 from omni_cli import synthetic  # noqa: E402
 from omni_cli.config import ModelConfig  # noqa: E402
-from omni_cli.loading import load_encoder  # noqa: E402
+from omni_cli.model.loading import load_encoder  # noqa: E402
 
 FIXTURE = str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-clip")
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
 
 from omni_cli.config import ModelConfig  # noqa: E402
-from omni_cli.loading import load_encoder  # noqa: E402
+from omni_cli.model.loading import load_encoder  # noqa: E402
 
 
 def rate(model: str, precision: str, device: str, batch: int, repeats: int) -> float:

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
 
-from omni_cli.synthetic import LABELS, draw  # noqa: E402
+from omni_cli.tools.synthetic import LABELS, draw  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-clip"
 DRIVER = """

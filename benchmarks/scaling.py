@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from omni_cli.bench import machine_info
-from omni_cli.synthetic import LABELS, draw
+from omni_cli.tools.bench import machine_info
+from omni_cli.tools.synthetic import LABELS, draw
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-clip"
 DRIVER = """

@@ -37,8 +37,8 @@ from _machine import describe  # noqa: E402
 
 from omni_cli import synthetic  # noqa: E402
 from omni_cli.config import DEFAULT_THRESHOLD, DecodeConfig, ModelConfig, TagConfig  # noqa: E402
+from omni_cli.output.sink import META_KEY  # noqa: E402
 from omni_cli.pipeline import tag  # noqa: E402
-from omni_cli.sink import META_KEY  # noqa: E402
 
 LABELS = synthetic.LABELS
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "tiny-clip"
@@ -103,8 +103,8 @@ def earlier_rule(sim: torch.Tensor, whole: int, scale: float) -> torch.Tensor:
 
 def readings(out: Path, tiled: bool) -> tuple[list[str], dict[str, np.ndarray], dict]:
     """Per image: this version's tags, and the matrices the baselines threshold."""
-    from omni_cli import labels as labels_mod
-    from omni_cli import tiling
+    from omni_cli.inputs import tiling
+    from omni_cli.model import labels as labels_mod
 
     table = pq.read_table(out)
     meta = json.loads(table.schema.metadata[META_KEY])
@@ -134,7 +134,7 @@ _MATRICES: dict[str, torch.Tensor] = {}
 
 def _label_matrix(meta: dict, labels_mod) -> torch.Tensor:
     """The run's (dim, labels) label classifier, computed again from its model and prompts."""
-    from omni_cli.loading import load_encoder
+    from omni_cli.model.loading import load_encoder
 
     if meta["model"] not in _MATRICES:
         enc = load_encoder(ModelConfig(model=meta["model"], device="cpu", precision="fp32"))

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
-from omni_cli.search import load_index, rank  # noqa: E402
+from omni_cli.look.search import load_index, rank  # noqa: E402
 
 
 def synthesise(path: Path, images: int, views: int, dim: int, seed: int = 0) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from omni_cli.bench import BenchConfig, render, run_bench, synthesise
 from omni_cli.config import ModelConfig
+from omni_cli.tools.bench import BenchConfig, render, run_bench, synthesise
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Rows: the fixture model and random ViT-B/32 and ViT-L/14 at fp32 and bf16 (and on a GPU also
 fp16, int8 and nf4), at a few batch sizes. The peak is weights + activations of one encoder
 forward: `max_memory_allocated` on CUDA, peak RSS growth of a fresh process on the CPU (see
-`omni_cli.vram`). Target: every ratio within 0.85-1.15.
+`omni_cli.tools.vram`). Target: every ratio within 0.85-1.15.
 
     python benchmarks/vram_check.py [--quick]
 """

@@ -564,7 +564,7 @@ def bench(
     cfg = _guard(build)
     from rich.console import Console
 
-    from .bench import render, run_bench
+    from .tools.bench import render, run_bench
 
     err = Console(stderr=True, highlight=False)
     report = _guard(lambda: run_bench(cfg, lambda m: err.print(f"omni: {m}", markup=False)))
@@ -635,7 +635,7 @@ def vram(
         )
 
     cfg = _guard(build)
-    from .vram import estimate, render
+    from .tools.vram import estimate, render
 
     report = _guard(lambda: estimate(cfg))
     if as_json:
@@ -664,7 +664,7 @@ def report(
     got no tag; the error rows and their reasons. It opens from disk, with no server and no
     network. Only the images shown are opened; a file that is gone shows a placeholder.
     """
-    from .report import ReportConfig, build_report
+    from .look.report import ReportConfig, build_report
 
     def build() -> ReportConfig:
         wanted = (
@@ -712,7 +712,7 @@ def search(
 
     Exit codes: 0 found; 1 fatal error; 2 usage error, including a file without embeddings.
     """
-    from .search import search as run_search
+    from .look.search import search as run_search
 
     hits, notes = _guard(
         lambda: run_search(source, text=query, image=image, k=k, model=model, device=device)

@@ -22,22 +22,23 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, hub
+from . import __version__
 from .config import TagConfig
 from .errors import Interrupted, Terminated
-from .labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
-from .lock import OutputLock
-from .sink import Sink, check_writable, partial_dir, schema
-from .sources import FileEntry, check_inputs, discover
-from .state import Plan, plan_work, unchanged
+from .inputs.sources import FileEntry, check_inputs, discover
+from .model import hub
+from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
+from .output.lock import OutputLock
+from .output.sink import Sink, check_writable, partial_dir, schema
+from .output.state import Plan, plan_work, unchanged
 
 if TYPE_CHECKING:
-    from .decode import Preprocess
-    from .devdecode import JpegDecoder
-    from .encoder import Encoder
-    from .feed import Feeder
-    from .labels import Classifier
-    from .rows import Tagger
+    from .inputs.decode import Preprocess
+    from .inputs.devdecode import JpegDecoder
+    from .inputs.feed import Feeder
+    from .model.encoder import Encoder
+    from .model.labels import Classifier
+    from .output.rows import Tagger
 
 
 @dataclass
@@ -111,8 +112,8 @@ def make_feeder(
     cfg: TagConfig, encoder: Encoder, todo: list[FileEntry], jpeg_decoder=None
 ) -> Feeder:
     """Loader and feeder for the files to tag: workers, files per batch, where JPEGs decode."""
-    from .feed import Feeder, choose_decoder
-    from .loader import default_workers, files_per_batch, make_loader
+    from .inputs.feed import Feeder, choose_decoder
+    from .inputs.loader import default_workers, files_per_batch, make_loader
 
     spec = decode_spec(cfg, encoder)
     device = encoder.device
@@ -220,9 +221,9 @@ def load_model(
     cfg: TagConfig, prompts, emit: Callable[[Progress], None] | None = None
 ) -> tuple[Encoder, Classifier]:
     """The encoder and the label classifier (matrix and per-label baselines) on its device."""
-    from .labels import Classifier, cached_classifier, cached_neutral
-    from .loading import load_encoder
-    from .precision import explain
+    from .model.labels import Classifier, cached_classifier, cached_neutral
+    from .model.loading import load_encoder
+    from .model.precision import explain
 
     encoder = load_encoder(cfg.model, exact=cfg.decode.exact)
     if emit is not None:
@@ -249,7 +250,7 @@ def plan_run(
     emit: Callable[[Progress], None],
 ) -> tuple[Plan, Tagger]:
     """The output schema, what is left to do (`plan.schema`, `plan.todo`) and the row builder."""
-    from .rows import Tagger
+    from .output.rows import Tagger
 
     names = [lab.name for lab in labels]
     meta = run_metadata(cfg, encoder, labels=labels, prompts=prompts, classifier=classifier)
@@ -277,7 +278,7 @@ def run_metadata(
     cfg: TagConfig, encoder: Encoder, *, labels: list[Label], prompts, classifier=None
 ) -> dict:
     """Everything a reader needs to interpret the columns, stored in the file's schema."""
-    from . import scoring
+    from .model import scoring
 
     clip = encoder.logit_bias is None
     baseline = getattr(classifier, "baseline", None)

@@ -29,11 +29,14 @@ import numpy as np
 import pyarrow as pa
 
 from .config import TagConfig
-from .decode import Decoded, Preprocess
 from .errors import OmniError, UsageError
-from .feed import Fed
-from .loader import ImageDataset, collate
-from .lock import OutputLock
+from .inputs.decode import Decoded, Preprocess
+from .inputs.feed import Fed
+from .inputs.loader import ImageDataset, collate
+from .inputs.sources import FileEntry, discover
+from .output.lock import OutputLock
+from .output.rows import Tagger
+from .output.state import unchanged
 from .pipeline import (
     Progress,
     TagResult,
@@ -44,9 +47,6 @@ from .pipeline import (
     request,
     write_rows,
 )
-from .rows import Tagger
-from .sources import FileEntry, discover
-from .state import unchanged
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address before giving up
 ENCODER_CPUS = 0.5  # CPUs an encoder actor reserves on a CPU-only cluster

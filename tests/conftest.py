@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omni_cli import synthetic
+from omni_cli.tools import synthetic
 
 MODEL = Path(__file__).parent / "fixtures" / "tiny-clip"
 LABELS = synthetic.LABELS

@@ -13,16 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from omni_cli import decode, synthetic
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
-from omni_cli.lock import OutputLock
+from omni_cli.inputs import decode
+from omni_cli.output.lock import OutputLock
 from omni_cli.pipeline import tag
+from omni_cli.tools import synthetic
 
 from .conftest import LABELS, MODEL, omni_tag
 
 # Runs `omni` with every encoder forward slowed down, so a test can interrupt it mid-run.
 SLOW_OMNI = (
-    "import sys, time; import omni_cli.encoder as e; f = e.Encoder.forward; "
+    "import sys, time; import omni_cli.model.encoder as e; f = e.Encoder.forward; "
     "e.Encoder.forward = lambda self, x: (time.sleep(0.25), f(self, x))[1]; "
     "from omni_cli.cli import app; sys.argv[0] = 'omni'; app()"
 )
@@ -402,8 +403,8 @@ def test_an_interrupted_finish_leaves_no_tmp_and_the_old_output(tmp_path, labels
 
 
 def test_a_sink_interrupted_while_handing_rows_over_never_writes_them_twice(tmp_path):
-    from omni_cli.sink import Sink, read_parts
-    from omni_cli.sink import schema as make_schema
+    from omni_cli.output.sink import Sink, read_parts
+    from omni_cli.output.sink import schema as make_schema
 
     out = tmp_path / "tags.parquet"
     sink = Sink(out, make_schema(1, embeddings=False, metadata={}), part_rows=2)
@@ -428,7 +429,7 @@ def test_a_sink_interrupted_while_handing_rows_over_never_writes_them_twice(tmp_
 def tag_rows(n, start=0):
     import pyarrow as pa
 
-    from omni_cli.sink import schema as make_schema
+    from omni_cli.output.sink import schema as make_schema
 
     names = [f"f{i}" for i in range(start, start + n)]
     columns = {"root": ["r"] * n, "path": names, "status": ["ok"] * n, "error": [None] * n,

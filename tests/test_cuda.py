@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
-from omni_cli.devdecode import nvjpeg_decoder
-from omni_cli.loading import load_encoder
+from omni_cli.inputs.devdecode import nvjpeg_decoder
+from omni_cli.model.loading import load_encoder
 from omni_cli.pipeline import tag
-from omni_cli.synthetic import draw
+from omni_cli.tools.synthetic import draw
 
 from .conftest import LABELS, MODEL
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omni_cli.decode import Preprocess, load, to_rgb
 from omni_cli.errors import DecodeError
+from omni_cli.inputs.decode import Preprocess, load, to_rgb
 
 EXACT = Preprocess(draft=False)
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from omni_cli import decode, devdecode, tiling
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
-from omni_cli.feed import Feeder, SplitControl, choose_decoder
-from omni_cli.loader import Split, files_per_batch, make_loader
-from omni_cli.loading import load_encoder
+from omni_cli.inputs import decode, devdecode, tiling
+from omni_cli.inputs.feed import Feeder, SplitControl, choose_decoder
+from omni_cli.inputs.loader import Split, files_per_batch, make_loader
+from omni_cli.inputs.sources import discover
+from omni_cli.model.loading import load_encoder
 from omni_cli.pipeline import tag
-from omni_cli.sources import discover
-from omni_cli.synthetic import draw
+from omni_cli.tools.synthetic import draw
 
 from .conftest import LABELS, MODEL, shape_image
 

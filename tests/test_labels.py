@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omni_cli.errors import LabelsError, UsageError
-from omni_cli.labels import (
+from omni_cli.model.labels import (
     IMAGENET_TEMPLATES,
     NEUTRAL_LEVELS,
     cached_classifier,
@@ -74,7 +74,7 @@ def test_template_needs_a_placeholder():
 
 
 def read_labels_from(names):
-    from omni_cli.labels import Label
+    from omni_cli.model.labels import Label
 
     return [Label(n) for n in names]
 

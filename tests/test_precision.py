@@ -7,14 +7,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from omni_cli import encoder as enc_mod
-from omni_cli import precision as precision_mod
 from omni_cli.cli import app
 from omni_cli.config import ModelConfig, TagConfig
 from omni_cli.errors import UsageError
-from omni_cli.loading import load_encoder, load_kwargs, probe_batch
+from omni_cli.model import encoder as enc_mod
+from omni_cli.model import precision as precision_mod
+from omni_cli.model.loading import load_encoder, load_kwargs, probe_batch
+from omni_cli.model.precision import resolve_precision
 from omni_cli.pipeline import tag
-from omni_cli.precision import resolve_precision
 
 from .conftest import MODEL
 

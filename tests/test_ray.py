@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from omni_cli.cli import app
 from omni_cli.config import ModelConfig, TagConfig
+from omni_cli.output.sink import META_KEY
 from omni_cli.pipeline import tag
 from omni_cli.ray_engine import placement
-from omni_cli.sink import META_KEY
 
 from .conftest import MODEL
 

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from omni_cli import report as report_module
 from omni_cli.cli import app
-from omni_cli.report import ReportConfig, build_report
+from omni_cli.look import report as report_module
+from omni_cli.look.report import ReportConfig, build_report
 
 from . import browser
 from .conftest import LABELS, MODEL, omni_tag, shape_image

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from omni_cli import scoring, synthetic
 from omni_cli.config import DEFAULT_THRESHOLD, DecodeConfig, ModelConfig, TagConfig
+from omni_cli.model import scoring
+from omni_cli.output.sink import META_KEY
 from omni_cli.pipeline import tag
-from omni_cli.sink import META_KEY
+from omni_cli.tools import synthetic
 
 from .conftest import LABELS, MODEL, shape_image
 

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from omni_cli.cli import app
-from omni_cli.search import load_index, rank
+from omni_cli.look.search import load_index, rank
 
 from .conftest import LABELS, MODEL, omni_tag, shape_image
 

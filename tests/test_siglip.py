@@ -18,11 +18,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from omni_cli import vram
 from omni_cli.cli import app
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
-from omni_cli.loading import load_encoder, quantise
+from omni_cli.model.loading import load_encoder, quantise
 from omni_cli.pipeline import tag
+from omni_cli.tools import vram
 
 from .conftest import LABELS, omni_tag
 from .test_parity import every_format, reference_rgb

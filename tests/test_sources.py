@@ -7,7 +7,7 @@ import os
 import pytest
 
 from omni_cli.errors import InputNotFound
-from omni_cli.sources import discover
+from omni_cli.inputs.sources import discover
 
 
 def touch(path, data=b"x"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omni_cli.tiling import grid_for, tile_side, whole_boxes
+from omni_cli.inputs.tiling import grid_for, tile_side, whole_boxes
 
 
 def check_cover(width, height, boxes, overlap):
@@ -71,9 +71,9 @@ def test_small_corner_shape_is_found_with_tiles_and_missed_without(tmp_path, lab
     import numpy as np
     import pyarrow.parquet as pq
 
-    from omni_cli import synthetic
     from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
     from omni_cli.pipeline import tag
+    from omni_cli.tools import synthetic
 
     from .conftest import MODEL
 

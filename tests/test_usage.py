@@ -9,9 +9,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from omni_cli import hub
 from omni_cli.cli import app
 from omni_cli.errors import ModelError
+from omni_cli.model import hub
 
 from .conftest import MODEL
 
@@ -91,7 +91,7 @@ def test_help_reads_plainly():
 
 
 def test_vram_prints_whole_numbers_and_a_whole_table_without_a_terminal():
-    from omni_cli.vram import human
+    from omni_cli.tools.vram import human
 
     assert human(1000 * 1024) == "1000 KiB" and human(1023 * 1024) == "1023 KiB"
     assert human(1.5 * 2**30) == "1.5 GiB"

@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from omni_cli import vram
 from omni_cli.cli import app
 from omni_cli.config import ALL_PRECISIONS, ModelConfig, parse_bytes
 from omni_cli.errors import UsageError
-from omni_cli.loading import load_encoder
+from omni_cli.model.loading import load_encoder
+from omni_cli.tools import vram
 
 from .conftest import MODEL
 

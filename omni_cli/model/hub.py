@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 HUB_TIMEOUT = 3.0  # seconds to wait for the hub before treating it as unreachable
 

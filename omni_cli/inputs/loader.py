@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DecodeError
 from . import decode, tiling
-from .errors import DecodeError
 from .sources import FileEntry
 
 PREFETCH = 2  # batches each worker prepares ahead

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .config import BenchConfig, DecodeConfig, TagConfig, parse_resolution
-from .errors import UsageError
+from .. import __version__
+from ..config import BenchConfig, DecodeConfig, TagConfig, parse_resolution
+from ..errors import UsageError
 
 NAIVE_BATCH = 8  # the guide's loop
 ENCODER_POOL = 256  # encoder-only cycles over at most this many decoded images
@@ -194,16 +194,16 @@ def decode_modes(decode: str, device: torch.device, exact: bool) -> list[str]:
     if exact or device.type != "cuda":
         return ["cpu"]
     if decode == "all":
-        from .devdecode import nvjpeg_decoder
+        from ..inputs.devdecode import nvjpeg_decoder
 
         return ["cpu", "gpu", "hybrid"] if nvjpeg_decoder() else ["cpu"]
     return [{"auto": "hybrid"}.get(decode, decode)]
 
 
 def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
-    from .loader import default_workers
-    from .loading import load_encoder
-    from .sources import discover
+    from ..inputs.loader import default_workers
+    from ..inputs.sources import discover
+    from ..model.loading import load_encoder
 
     entries = [e for e in discover([folder]) if not e.error]
     if not entries:
@@ -274,8 +274,8 @@ def _decode_stage(entries, spec, encoder, workers, mode):
 
     Returns the stage, up to ENCODER_POOL views for the encoder stage, and views per image.
     """
-    from .feed import Feeder, choose_decoder
-    from .loader import files_per_batch, make_loader
+    from ..inputs.feed import Feeder, choose_decoder
+    from ..inputs.loader import files_per_batch, make_loader
 
     device = encoder.device
     decoder, split, adapt = choose_decoder(_DECODER[mode], device, False)
@@ -339,7 +339,7 @@ def _encoder_stage(encoder, pool: list[torch.Tensor], n: int, views: float) -> S
 
 def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device, mode: str):
     """`omni tag` through the public pipeline, to a temporary Parquet file."""
-    from .pipeline import tag
+    from ..pipeline import tag
     from .synthetic import LABELS
 
     labels = tmpdir / "labels.txt"
@@ -400,9 +400,9 @@ def _naive_model(model_id: str, device: torch.device):
     """
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    from . import archs
-    from .hub import resolve
-    from .loading import quiet
+    from ..model import archs
+    from ..model.hub import resolve
+    from ..model.loading import quiet
 
     if archs.is_random(model_id):  # no files exist for these: the family's hub defaults
         model = archs.build(model_id, torch.float32, device).eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OutputError, UsageError
+from ..errors import OutputError, UsageError
 
 META_KEY = b"omni"
 

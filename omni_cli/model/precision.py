@@ -12,7 +12,7 @@ import importlib.util
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTISED = ("int8", "nf4")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where a classifier is built: parsing labels needs none
     import torch
 
-from .errors import LabelsError, UsageError
+from ..errors import LabelsError, UsageError
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 

@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import TagConfig
-from .errors import OutputError, UsageError
+from ..config import TagConfig
+from ..errors import OutputError, UsageError
+from ..inputs.sources import FileEntry
 from .sink import META_KEY, partial_dir, read_parts
 from .sink import schema as output_schema
-from .sources import FileEntry
 
 # Metadata that decides whether a stored embedding is still the one this run would compute.
 ENCODING = ("model", "revision", "precision", "preprocess", "tiles", "tile_overlap")

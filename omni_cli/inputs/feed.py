@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import DecodeError, UsageError
 from . import decode, tiling
 from .devdecode import JpegDecoder, device_views, orient
-from .errors import DecodeError, UsageError
 from .loader import Batch, Item, Split
 
 WINDOW = 16  # loader batches between updates of the split

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 
 ARCHS: dict[str, dict] = {
     "vit-b-32": {

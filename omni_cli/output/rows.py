@@ -28,11 +28,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import scoring, tiling
-from .encoder import Encoder
-from .feed import Fed
-from .labels import Classifier
-from .loader import Item
+from ..inputs import tiling
+from ..inputs.feed import Fed
+from ..inputs.loader import Item
+from ..model import scoring
+from ..model.encoder import Encoder
+from ..model.labels import Classifier
 from .sink import META_KEY
 
 

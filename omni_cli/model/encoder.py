@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode import Preprocess
-from .errors import ModelError
+from ..errors import ModelError
+from ..inputs.decode import Preprocess
 from .precision import compute_dtype
 
 # What a CUDA allocation failure says when it surfaces from cuBLAS or cuDNN instead of

@@ -18,11 +18,11 @@ import warnings
 
 import torch
 
+from ..config import ModelConfig
+from ..errors import ModelError, UsageError
+from ..inputs.decode import Preprocess
 from . import archs, hub
-from .config import ModelConfig
-from .decode import Preprocess
 from .encoder import Encoder, is_out_of_memory
-from .errors import ModelError, UsageError
 from .precision import compute_dtype, resolve_device, resolve_precision
 
 DEFAULT_BATCH = {"cpu": 32, "cuda": 128, "mps": 32}  # views per forward without --batch

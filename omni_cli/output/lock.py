@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import LockedError, OutputError
+from ..errors import LockedError, OutputError
 
 
 class OutputLock:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import DecodeError
 from . import tiling
-from .errors import DecodeError
 
 Image.MAX_IMAGE_PIXELS = None  # the cap is ours (Preprocess.max_pixels), checked from the header
 

@@ -20,11 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 if TYPE_CHECKING:  # torch is imported once a search runs, not to check its options
     import torch
-from .errors import UsageError
+from ..errors import UsageError
 from .report import open_output
 
 
@@ -136,7 +136,7 @@ def rank(index: Index, query: torch.Tensor, k: int) -> list[Hit]:
 
 def query_model(meta: dict, model: str | None, device: str) -> ModelConfig:
     """The model that made the embeddings, at the stored precision (fp32 on the CPU)."""
-    from .precision import resolve_device
+    from ..model.precision import resolve_device
 
     name = model or meta.get("model")
     if not name:
@@ -153,9 +153,9 @@ def query_model(meta: dict, model: str | None, device: str) -> ModelConfig:
 def encode_query(meta: dict, *, text: str | None, image: Path | None, model: str | None = None,
                  device: str = "auto") -> tuple[torch.Tensor, list[str]]:  # fmt: skip
     """Encode a text or one image's global view; returns (dim,) float32 on the CPU and notes."""
-    from .decode import load
-    from .errors import DecodeError
-    from .loading import load_encoder
+    from ..errors import DecodeError
+    from ..inputs.decode import load
+    from ..model.loading import load_encoder
 
     if (text is None) == (image is None):
         raise UsageError("give a text query or --image, not both and not neither")

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import archs, tiling
-from .config import VramConfig
-from .errors import ModelError, UsageError
+from ..config import VramConfig
+from ..errors import ModelError, UsageError
+from ..inputs import tiling
+from ..model import archs
 
 ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 HEADROOM = 0.10  # of the budget, kept free for allocator fragmentation
@@ -124,7 +125,7 @@ def model_config(model: str):
         return archs.config_for(model)
     from transformers import AutoConfig
 
-    from .hub import resolve
+    from ..model.hub import resolve
 
     try:
         source = resolve(model)
@@ -169,7 +170,7 @@ def weight_bytes(model: torch.nn.Module, precision: str, device: torch.device) -
     byte each plus an fp32 absmax per 64 weights and a 16-entry fp32 code book. Layers that
     transformers leaves unquantised (the last one, tied weights) stay in the compute dtype.
     """
-    from .precision import compute_dtype
+    from ..model.precision import compute_dtype
 
     dtype_size = torch.empty(0, dtype=compute_dtype(precision, device)).element_size()
     quantised = set()
@@ -226,7 +227,7 @@ def activation_bytes(vision, precision: str, device: torch.device) -> int:
     CUDA the uint8 input is copied to the device (3 S^2); on the CPU it is the caller's memory.
     int8 adds an int8 copy of each Linear input (T x max(D, I) bytes).
     """
-    from .precision import compute_dtype
+    from ..model.precision import compute_dtype
 
     e = torch.empty(0, dtype=compute_dtype(precision, device)).element_size()
     side, patch = vision.image_size, vision.patch_size
@@ -247,7 +248,7 @@ def activation_bytes(vision, precision: str, device: torch.device) -> int:
 
 
 def _measure_row(cfg: VramConfig, precision: str, device: torch.device, views: int, note: str):
-    from .precision import resolve_precision
+    from ..model.precision import resolve_precision
 
     try:
         resolve_precision(precision, device)
@@ -276,8 +277,8 @@ def measure_peak(model: str, precision: str, device: torch.device, views: int) -
 
 
 def _load(model: str, precision: str, device: str):
-    from .config import ModelConfig
-    from .loading import load_encoder
+    from ..config import ModelConfig
+    from ..model.loading import load_encoder
 
     return load_encoder(ModelConfig(model=model, device=device, precision=precision, batch=1 << 20))
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import UsageError
+from ..errors import UsageError
 
 META_KEY = b"omni"  # as sink.META_KEY
 BATCH_ROWS = 65_536
@@ -366,7 +366,7 @@ def thumbnail(file: Path | None, side: int) -> str | None:
     """A small JPEG of `file` as a data URI; None if it cannot be read, for whatever reason."""
     from PIL import Image, ImageOps
 
-    from .decode import to_rgb
+    from ..inputs.decode import to_rgb
 
     if file is None:
         return None
@@ -536,7 +536,7 @@ def _render(context: dict) -> str:
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
     env = Environment(
-        loader=PackageLoader("omni_cli", "templates"),
+        loader=PackageLoader("omni_cli.look", "templates"),
         autoescape=select_autoescape(["html", "j2"], default=True),
         undefined=StrictUndefined,
         trim_blocks=True,
@@ -561,6 +561,6 @@ def _write_atomic(output: Path, text: str) -> None:
         os.replace(tmp, output)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        from .errors import OutputError
+        from ..errors import OutputError
 
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None

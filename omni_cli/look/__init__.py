@@ -1,0 +1,1 @@
+"""Look: Parquet to a person. A self-contained HTML report and search over stored embeddings."""

@@ -1,0 +1,1 @@
+"""Tools: benchmarks, the memory model behind `omni vram`, and synthetic test images."""
