@@ -214,8 +214,9 @@ def tag(
         Path("tags.parquet"),
         "--output",
         "-o",
-        metavar="FILE",
-        help="Parquet file to write (its folder is created).",
+        metavar="OUT",
+        help="NAME.parquet: one Parquet file; any other name: an archive folder of parts, "
+        "where a nightly run rewrites only the parts that changed.",
     ),
     model: str = _model_option(),
     device: str = _device_option(),

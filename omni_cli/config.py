@@ -156,14 +156,24 @@ class TagConfig:
             raise UsageError("--workers must be >= 0")
         if self.flush_rows < 1:
             raise UsageError("--flush-rows must be positive")
-        if self.output.is_dir():
+        out = self.output
+        if out.is_dir() and not out.is_symlink() and any(out.iterdir()):
             raise UsageError(
-                f"--output {self.output} is a folder; give a file in it, e.g. "
-                f"{self.output / 'tags.parquet'}"
+                f"--output {out} is a folder that is not an omni archive; give a file in it "
+                f"(e.g. {out / 'tags.parquet'}) or a new name for an archive"
             )
-        if self.output.suffix != ".parquet":
-            raise UsageError(f"--output must end in .parquet, not '{self.output}'")
+        if out.suffix.lower() in NOT_OUTPUTS:
+            raise UsageError(
+                f"--output must end in .parquet (one file) or have no extension (an archive "
+                f"folder), not '{out}'"
+            )
 
+
+# Names that are surely a mistake for --output: a name ending in .parquet is one file, any
+# other an archive (a folder of parts), but `tags.csv` is not meant as a folder.
+NOT_OUTPUTS = frozenset(
+    ".csv .tsv .json .jsonl .txt .html .arrow .feather .xlsx .db .sqlite .pq .parq".split()
+)
 
 RESOLUTIONS = {"1080p": (1920, 1080), "4k": (3840, 2160), "720p": (1280, 720)}
 

@@ -28,6 +28,7 @@ from .errors import Interrupted, Terminated
 from .inputs.sources import FileEntry, check_inputs, discover
 from .model import hub
 from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
+from .output.finish import finish, recover
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
 from .output.state import Plan, plan_work, unchanged
@@ -91,6 +92,7 @@ def tag(
     emit = on_progress or (lambda event: None)
     labels, prompts = prepare(cfg)
     with OutputLock(cfg.output):
+        recover(cfg.output)
         emit(Progress("scan", message="listing files"))
         entries = list(discover(cfg.inputs, recursive=cfg.recursive))
         if not entries:
@@ -161,14 +163,14 @@ def write_rows(
     seconds = time.perf_counter() - started
     emit(Progress("finish", done, len(plan.todo), len(errors), "writing output"))
     rescore = tagger.rescore if tagger is not None else None
-    total = sink.finish(plan.carried(rescore), keep=plan.matches)
+    total = finish(cfg.output, plan, sink, rescore)
     return TagResult(
         cfg.output,
         total,
         done - len(errors),
         len(errors),
         total - done,
-        plan.carried_errors + errors,
+        [*plan.carried_errors, *errors],
         seconds,
         encoder.precision,
         encoder.batch,

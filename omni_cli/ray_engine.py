@@ -34,6 +34,7 @@ from .inputs.decode import Decoded, Preprocess
 from .inputs.feed import Fed
 from .inputs.loader import ImageDataset, collate
 from .inputs.sources import FileEntry, discover
+from .output.finish import recover
 from .output.lock import OutputLock
 from .output.rows import Tagger
 from .output.state import unchanged
@@ -97,6 +98,7 @@ def tag_ray(
     if address:
         check_reachable(address)
     with OutputLock(cfg.output):
+        recover(cfg.output)
         emit(Progress("scan", message="listing files"))
         entries = list(discover(cfg.inputs, recursive=cfg.recursive))
         kept = unchanged(cfg, entries, request(cfg, labels, prompts))

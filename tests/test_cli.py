@@ -137,7 +137,7 @@ def test_threshold_and_top_k(tmp_path, images, labels_file):
         ("pickled_model", 1, "only pickled weights"),
         ("bad_precision", 2, "--precision must be one of"),
         ("bad_template", 2, "--template must contain"),
-        ("output_is_a_folder", 2, "is a folder; give a file in it"),
+        ("output_is_a_folder", 2, "is a folder that is not an omni archive"),
         ("output_not_parquet", 2, "--output must end in .parquet"),
     ],
 )

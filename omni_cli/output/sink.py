@@ -10,7 +10,6 @@ Writing happens on a background thread, off the encoder's hot path.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -25,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError, UsageError
-
-META_KEY = b"omni"
+from . import archive
+from .layout import META_FILE, META_KEY, fsync, fsync_dir, is_archive, meta_json, write_file
 
 
 def schema(num_labels: int, *, embeddings: bool, metadata: dict) -> pa.Schema:
@@ -59,7 +58,9 @@ def partial_dir(output: Path) -> Path:
 def check_writable(output: Path) -> None:
     """Fail before any work if the output's folder cannot be made or written; makes it."""
     folder = output.parent if str(output.parent) else Path(".")
-    if output.is_dir():
+    if is_archive(output):
+        archive.check(output)
+    elif output.is_dir():
         raise UsageError(f"--output {output} is a folder; give a file in it")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,12 @@ class Sink:
         self.part_seconds = part_seconds
         self.folder = partial_dir(self.output)
         self.folder.mkdir(exist_ok=True)
+        meta = self.folder / META_FILE  # the run's metadata, once for all the parts
+        if not meta.exists():
+            tmp = self.folder / f".{META_FILE}.tmp"
+            tmp.write_text(meta_json(schema), encoding="utf-8")
+            fsync(tmp)
+            os.replace(tmp, meta)
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
@@ -135,19 +142,13 @@ class Sink:
         """
         self.close()
         tmp = self.output.with_name(self.output.name + ".tmp")
-        rows = 0
         try:
-            with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
-                parts = read_parts(self.folder, self.schema)
-                if keep is not None:
-                    parts = (b.filter(keep(b)) for b in parts)
-                for batch in itertools.chain(carried, parts):
-                    if batch.num_rows:
-                        writer.write_batch(batch, row_group_size=batch.num_rows)
-                    rows += batch.num_rows
-            _fsync(tmp)
+            parts = read_parts(self.folder, self.schema)
+            if keep is not None:
+                parts = (b.filter(keep(b)) for b in parts)
+            rows, _ = write_file(tmp, itertools.chain(carried, parts), self.schema)
             os.replace(tmp, self.output)
-            _fsync_dir(self.output.parent)
+            fsync_dir(self.output.parent)
         except BaseException as exc:  # an interrupt or any error: no OUT.tmp is left behind
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):
@@ -177,31 +178,18 @@ class Sink:
 def read_parts(folder: Path, schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
     """Every complete part in `folder`, in order (temporary files are ignored)."""
     for part in sorted(folder.glob("part-*.parquet")):
-        table = pq.read_table(part, schema=schema)
+        table = pq.read_table(part, schema=schema, pre_buffer=False)
         yield from table.to_batches()
 
 
 def _write_part(folder: Path, number: int, table: pa.Table) -> None:
     final = folder / f"part-{number:06d}.parquet"
     tmp = folder / f".part-{number:06d}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    _fsync(tmp)
+    pq.write_table(table.replace_schema_metadata(None), tmp, compression="zstd")
+    fsync(tmp)
     os.replace(tmp, final)
 
 
 def _next_part_number(folder: Path) -> int:
     numbers = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.parquet")]
     return max(numbers, default=-1) + 1
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsync'ed
-        _fsync(folder if str(folder) else Path("."))

@@ -21,12 +21,14 @@ any run with other work to do tries them again.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,7 +36,10 @@ import pyarrow.parquet as pq
 from ..config import TagConfig
 from ..errors import OutputError, UsageError
 from ..inputs.sources import FileEntry
-from .sink import META_KEY, partial_dir, read_parts
+from . import archive, layout
+from .archive import Part
+from .layout import META_KEY, row_keys
+from .sink import partial_dir
 from .sink import schema as output_schema
 
 # Metadata that decides whether a stored embedding is still the one this run would compute.
@@ -49,49 +54,58 @@ TOPS = ("top_k", "threshold")
 FINGERPRINT = (*ENCODING, *SCORING, "embedding", *TOPS)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """What a run does, decided once before any tagging: built by `plan_work`, then read only."""
+
     todo: list[FileEntry]
     schema: pa.Schema
     keep: pa.Array  # keys (root, path, bytes, mtime_ns) of rows that belong in the output
-    previous: Path | None = None  # the output whose unchanged ok rows are carried over
-    carry: pa.Array | None = None  # keys of those rows
+    previous: tuple[Path, ...] = ()  # the previous output's files whose unchanged rows stay
+    version: Path | None = None  # the archive version they belong to
+    parts: tuple[Part, ...] = ()  # ... its parts (archive layout)
+    part_carried: tuple[int, ...] = ()  # rows of each part that stay
+    drop: pa.Array | None = None  # keys of the previous output's rows that do not stay
+    carried_rows: int = 0
     relabel: bool = False  # labels changed: rescore carried rows from their embeddings
     rescore: bool = False  # scores or top tags differ: recompute them for carried rows
     resumed: int = 0  # rows picked up from an interrupted run
-    carried_errors: list[tuple[str, str, str]] = field(default_factory=list)
+    carried_errors: tuple[tuple[str, str, str], ...] = ()
     message: str = ""
 
     def carried(self, rescore: Callable | None = None) -> Iterator[pa.RecordBatch]:
-        """The previous output's rows for unchanged files, in the new schema.
+        """The previous output's rows for unchanged files, in the new schema, streamed.
 
         Copied as Arrow data when they score as this run would; else through `rescore(rows,
-        relabel=...)`, from stored embeddings when the labels changed.
+        relabel=...)`, from stored embeddings when the labels changed. Read row group by row
+        group without pre-buffering, so memory does not grow with the output.
         """
-        if self.previous is None:
-            return
-        for batch in pq.ParquetFile(self.previous).iter_batches(batch_size=4096):
-            rows = batch.filter(pc.is_in(row_keys(batch), value_set=self.carry))
-            if not rows.num_rows:
-                continue
-            if self.rescore and rescore is not None:
-                yield rescore(rows, relabel=self.relabel)
-            else:
-                yield pa.RecordBatch.from_arrays(rows.columns, schema=self.schema)
+        for path in self.previous if self.carried_rows else ():
+            file = pq.ParquetFile(path, pre_buffer=False)
+            for g in range(file.num_row_groups):
+                table = file.read_row_group(g)
+                table = table.filter(pc.invert(pc.is_in(row_keys(table), value_set=self.drop)))
+                for rows in table.to_batches(max_chunksize=4096):
+                    if not rows.num_rows:
+                        continue
+                    if self.rescore and rescore is not None:
+                        yield rescore(rows, relabel=self.relabel)
+                    else:
+                        yield pa.RecordBatch.from_arrays(rows.columns, schema=self.schema)
+
+    def carried_from(self, rescore: Callable | None = None) -> archive.Previous | None:
+        """The previous archive version and what stays of it, for `archive.publish`."""
+        if self.version is None:
+            return None
+        how = None
+        if self.rescore and rescore is not None:
+            how = functools.partial(rescore, relabel=self.relabel)
+        drop = self.drop if self.drop is not None else pa.array([], pa.string())
+        return archive.Previous(self.version, self.parts, self.part_carried, drop, how)
 
     def matches(self, batch: pa.RecordBatch | pa.Table) -> pa.Array:
         """Which rows describe a file exactly as it is now."""
         return pc.is_in(row_keys(batch), value_set=self.keep)
-
-
-def row_keys(batch) -> pa.Array:
-    parts = [
-        batch["root"],
-        batch["path"],
-        pc.cast(batch["bytes"], pa.string()),
-        pc.cast(batch["mtime_ns"], pa.string()),
-    ]
-    return pc.binary_join_element_wise(*parts, "\x00")
 
 
 def entry_key(e: FileEntry) -> str:
@@ -99,11 +113,11 @@ def entry_key(e: FileEntry) -> str:
 
 
 def metadata(schema: pa.Schema) -> dict:
+    """The run's metadata an in-memory output schema carries."""
     return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
 
 
-def fingerprint(schema: pa.Schema) -> dict:
-    meta = metadata(schema)
+def fingerprint(meta: dict) -> dict:
     return {k: meta.get(k) for k in FINGERPRINT}
 
 
@@ -119,15 +133,18 @@ def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
     is (`request`: model and revision, options, labels and prompts), and it holds one row per
     file found now, each with the file's current size and mtime.
     """
-    if cfg.full or partial_dir(cfg.output).exists() or not cfg.output.is_file():
+    if cfg.full or partial_dir(cfg.output).exists():
         return None
-    schema = _schema(cfg.output)
-    if schema is None or metadata(schema).get("request") != request:
+    files = layout.parts(cfg.output)
+    meta = layout.metadata(cfg.output)
+    if not files or meta is None or meta.get("request") != request:
         return None
-    if schema.names != columns(len(request["labels"]), cfg.save_embeddings):
+    if _names(files) != columns(len(request["labels"]), cfg.save_embeddings):
         return None  # written by another version of omni: its columns differ
-    table = pq.read_table(cfg.output, columns=["root", "path", "status", "error", "bytes",
-                                               "mtime_ns"])  # fmt: skip
+    try:
+        table = _keys(files, ["root", "path", "status", "error", "bytes", "mtime_ns"])
+    except (OSError, pa.ArrowException):
+        return None
     if table.num_rows != len(entries):
         return None
     now = pa.array([entry_key(e) for e in entries], pa.string())
@@ -140,30 +157,36 @@ def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
 
 
 def plan_work(cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema) -> Plan:
-    """Split `entries` into work to do and rows to keep; refuse what would lose results."""
-    want = fingerprint(schema)
-    keys = {entry_key(e): e for e in entries}
-    plan = Plan([], schema, pa.array(list(keys), pa.string()))
-    done: set[str] = set()
+    """Split `entries` into work to do and rows to keep; refuse what would lose results.
+
+    The one place a run's plan is made; the result is frozen.
+    """
+    want = fingerprint(metadata(schema))
+    now = pa.array([entry_key(e) for e in entries], pa.string())
+    done = pa.array([], pa.string())
+    fields: dict = {}
     notes = []
     partial = partial_dir(cfg.output)
     if partial.exists():
         if cfg.resume and not cfg.full:
-            resumed = _resume(partial, want, plan, cfg)
-            done |= resumed
-            plan.resumed = len(resumed)
-            if resumed:
-                notes.append(f"resuming: {len(resumed):,} rows from an interrupted run")
+            done, errors = _resume(partial, want, now)
+            fields.update(resumed=len(done), carried_errors=tuple(errors))
+            if len(done):
+                notes.append(f"resuming: {len(done):,} rows from an interrupted run")
         else:
             shutil.rmtree(partial, ignore_errors=True)
             notes.append("an interrupted run's rows were discarded (--full or --no-resume)")
-    if cfg.output.exists() and not cfg.full:
-        note, carried = _previous(cfg, want, plan, done)
+    if layout.parts(cfg.output) and not cfg.full:
+        note, carried = _previous(cfg, want, schema, now, done)
         notes += [note] if note else []
-        done |= carried
-    plan.todo = [e for k, e in keys.items() if k not in done]
-    plan.message = "; ".join(notes)
-    return plan
+        fields.update(carried)
+        done = pa.concat_arrays([done, carried.get("carry", pa.array([], pa.string()))])
+    todo = np.flatnonzero(~pc.is_in(now, value_set=done).to_numpy(zero_copy_only=False))
+    todo_entries = [entries[i] for i in todo]
+    if layout.is_archive(cfg.output):  # tag in key order: new rows then merge part by part
+        todo_entries.sort(key=lambda e: (e.root, e.rel))
+    fields.pop("carry", None)
+    return Plan(todo_entries, schema, now, message="; ".join(notes), **fields)
 
 
 def differences(have: dict, want: dict, keys: Sequence[str]) -> list[str]:
@@ -176,16 +199,19 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
-def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[str, set[str]]:
-    """Decide what the previous output can give this run; returns (note, carried keys)."""
+def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array,
+              done: pa.Array) -> tuple[str, dict]:  # fmt: skip
+    """Decide what the previous output can give this run; returns (note, Plan fields)."""
     output = cfg.output
-    previous = _schema(output)
-    if previous is None or META_KEY not in (previous.metadata or {}):
+    files = layout.parts(output)
+    meta = layout.metadata(output)
+    names = _names(files)
+    if meta is None or names is None:
         raise UsageError(
             f"{output} exists but is not an omni output; nothing was touched "
             "(use another --output, or --full to replace it)"
         )
-    have = fingerprint(previous)
+    have = fingerprint(meta)
     changed = differences(have, want, ENCODING)
     if changed:
         raise UsageError(
@@ -195,36 +221,56 @@ def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[s
         )
     rescore = [k for k in SCORING if have[k] != want[k]]
     relabel = bool(rescore)
-    if want["embedding"] and "embedding" not in previous.names:
-        return "previous output has no embeddings (--save-embeddings): tagging everything", set()
-    if relabel and "embedding" not in previous.names:
+    if want["embedding"] and "embedding" not in names:
+        return "previous output has no embeddings (--save-embeddings): tagging everything", {}
+    if relabel and "embedding" not in names:
         what = "labels changed" if {"labels", "prompts"} & set(rescore) else "scoring rule changed"
         return (
             f"{what} and the previous output has no embeddings to rescore from "
             "(see --save-embeddings): tagging everything"
-        ), set()
-    table = pq.read_table(output, columns=["root", "path", "status", "bytes", "mtime_ns"])
-    ok = table.filter(pc.equal(table["status"], "ok"))
-    carried = set(row_keys(ok.filter(plan.matches(ok))).to_pylist()) - done
-    if not carried:
-        return "", carried
-    plan.previous = output
-    plan.carry = pa.array(sorted(carried), pa.string())
-    plan.relabel = relabel
+        ), {}
+    try:
+        table = _keys(files, ["root", "path", "status", "bytes", "mtime_ns"], numbered=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"cannot read {output} ({exc}); nothing was touched") from None
+    keys = row_keys(table)
+    stays = pc.and_(
+        pc.and_(pc.equal(table["status"], "ok"), pc.is_in(keys, value_set=now)),
+        pc.invert(pc.is_in(keys, value_set=done)),
+    ).combine_chunks()
+    carry = keys.filter(stays)
+    fields = {
+        "previous": tuple(files),
+        "drop": keys.filter(pc.invert(stays)),
+        "carried_rows": len(carry),
+        "carry": carry,
+    }
+    if layout.is_archive(output):
+        version = archive.current(output)
+        parts = archive.index(version)
+        counts = np.bincount(table["part"].to_numpy()[stays.to_numpy(zero_copy_only=False)],
+                             minlength=len(files))  # fmt: skip
+        fields.update(version=version, parts=tuple(parts), part_carried=tuple(counts.tolist()))
+    if not len(carry):
+        return "", fields
     tops = any(have[k] != want[k] for k in TOPS)
-    plan.rescore = relabel or tops or previous.names != plan.schema.names
+    fields.update(relabel=relabel, rescore=relabel or tops or names != schema.names)
     how = "rescored from stored embeddings" if relabel else "carried over"
-    return f"incremental: {len(carried):,} unchanged files {how}", carried
+    return f"incremental: {len(carry):,} unchanged files {how}", fields
 
 
-def _resume(partial: Path, want: dict, plan: Plan, cfg: TagConfig) -> set[str]:
-    """Keys of the interrupted run's rows that still hold; its error rows go to the plan."""
+def _resume(partial: Path, want: dict, now: pa.Array) -> tuple[pa.Array, list]:
+    """Keys of the interrupted run's rows that still hold, and their error rows."""
     parts = sorted(partial.glob("part-*.parquet"))
     if not parts:
-        return set()
-    keys: set[str] = set()
+        return pa.array([], pa.string()), []
+    keys, errors = [], []
     try:
-        have = fingerprint(pq.read_schema(parts[0]))
+        if (partial / layout.META_FILE).exists():
+            meta = layout.metadata(partial)
+        else:  # flushed by an omni that kept the metadata in every part
+            meta = layout.file_metadata(pq.read_metadata(parts[0]))
+        have = fingerprint(meta or {})
         changed = differences(have, want, FINGERPRINT)
         if changed:
             raise UsageError(
@@ -232,22 +278,35 @@ def _resume(partial: Path, want: dict, plan: Plan, cfg: TagConfig) -> set[str]:
                 f"({'; '.join(changed)}): rerun with its options to resume it, or with "
                 "--full (or --no-resume) to discard them"
             )
-        for batch in read_parts(partial):
-            batch = batch.filter(plan.matches(batch))
-            keys |= set(row_keys(batch).to_pylist())
-            errors = batch.filter(pc.equal(batch["status"], "error"))
-            columns = (errors[c].to_pylist() for c in ("root", "path", "error"))
-            plan.carried_errors += zip(*columns, strict=True)
+        for part in parts:
+            batch = pq.read_table(part, columns=["root", "path", "status", "error", "bytes",
+                                                 "mtime_ns"])  # fmt: skip
+            batch = batch.filter(pc.is_in(row_keys(batch), value_set=now))
+            keys.append(row_keys(batch))
+            failed = batch.filter(pc.equal(batch["status"], "error"))
+            errors += zip(*(failed[c].to_pylist() for c in ("root", "path", "error")), strict=True)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(
             f"cannot read an interrupted run's rows in {partial} ({exc}); nothing was touched: "
             "move the folder away, or rerun with --no-resume to discard it"
         ) from None
-    return keys
+    return pa.concat_arrays(keys) if keys else pa.array([], pa.string()), errors
 
 
-def _schema(path: Path) -> pa.Schema | None:
+def _names(files: Sequence[Path]) -> list[str] | None:
+    """The column names of an output's files (its first part), None if it is not Parquet."""
     try:
-        return pq.read_schema(path)
+        return pq.read_schema(files[0]).names if files else None
     except (OSError, pa.ArrowException):
         return None
+
+
+def _keys(files: Sequence[Path], names: list[str], *, numbered: bool = False) -> pa.Table:
+    """Some columns of every file, one after another; `part`: which file a row is in."""
+    tables = []
+    for number, path in enumerate(files):
+        table = pq.ParquetFile(path, pre_buffer=False).read(columns=names)
+        if numbered:
+            table = table.append_column("part", pa.array(np.full(table.num_rows, number, np.int32)))
+        tables.append(table)
+    return pa.concat_tables(tables).combine_chunks()
