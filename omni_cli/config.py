@@ -172,7 +172,7 @@ class TagConfig:
 # Names that are surely a mistake for --output: a name ending in .parquet is one file, any
 # other an archive (a folder of parts), but `tags.csv` is not meant as a folder.
 NOT_OUTPUTS = frozenset(
-    ".csv .tsv .json .jsonl .txt .html .arrow .feather .xlsx .db .sqlite .pq .parq".split()
+    {".csv", ".tsv", ".json", ".jsonl", ".txt", ".html", ".arrow", ".feather", ".xlsx", ".db"}
 )
 
 RESOLUTIONS = {"1080p": (1920, 1080), "4k": (3840, 2160), "720p": (1280, 720)}

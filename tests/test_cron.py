@@ -395,7 +395,9 @@ def test_an_interrupted_finish_leaves_no_tmp_and_the_old_output(tmp_path, labels
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pq.ParquetWriter, "write_batch", interrupted)
+    from omni_cli.output import layout
+
+    monkeypatch.setattr(layout, "_write_group", interrupted)  # while writing OUT.tmp
     with pytest.raises(KeyboardInterrupt):
         tag(config(folder, labels_file, out))
     assert out.read_bytes() == before
