@@ -23,7 +23,6 @@ where no per-label reading can separate two objects that the single embedding bl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +36,7 @@ from _machine import describe  # noqa: E402
 
 from omni_cli import synthetic  # noqa: E402
 from omni_cli.config import DEFAULT_THRESHOLD, DecodeConfig, ModelConfig, TagConfig  # noqa: E402
-from omni_cli.output.sink import META_KEY  # noqa: E402
+from omni_cli.output.layout import metadata  # noqa: E402
 from omni_cli.pipeline import tag  # noqa: E402
 
 LABELS = synthetic.LABELS
@@ -107,7 +106,7 @@ def readings(out: Path, tiled: bool) -> tuple[list[str], dict[str, np.ndarray], 
     from omni_cli.model import labels as labels_mod
 
     table = pq.read_table(out)
-    meta = json.loads(table.schema.metadata[META_KEY])
+    meta = metadata(out)
     rows = sorted(table.to_pylist(), key=lambda r: r["path"])
     scale, baseline = meta["logit_scale"], meta["score_baseline"]
     sim = np.array([r["similarity"] for r in rows], np.float32)

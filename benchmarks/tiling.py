@@ -15,7 +15,6 @@ their stored embeddings under other view-combination rules: the evidence for the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from omni_cli import scoring, synthetic, tiling  # noqa: E402
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig  # noqa: E402
 from omni_cli.model.labels import classifier  # noqa: E402
 from omni_cli.model.loading import load_encoder  # noqa: E402
-from omni_cli.output.sink import META_KEY  # noqa: E402
+from omni_cli.output.layout import metadata  # noqa: E402
 from omni_cli.pipeline import tag  # noqa: E402
 
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "tiny-clip"
@@ -89,7 +88,7 @@ def earlier_rule(sim, probs, whole: int) -> torch.Tensor:
 
 def rule_accuracies(out: Path, truth, matrix, size: int) -> dict[str, float]:
     """Top-1 under other ways of combining a tiled image's views, and the shipped rule."""
-    meta = json.loads(pq.read_schema(out).metadata[META_KEY])
+    meta = metadata(out)
     scale, overlap = meta["logit_scale"], meta["tile_overlap"]
     rows = pq.read_table(out, columns=["path", "views", "width", "height", "embedding"]).to_pylist()
     hits: dict[str, list[bool]] = {}

@@ -8,6 +8,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from omni_cli.output.layout import metadata
+
 from .conftest import LABELS, MODEL, omni_tag
 
 run = omni_tag
@@ -81,7 +83,7 @@ def test_output_reads_in_pandas_duckdb_with_labels_from_metadata(tmp_path, image
     duckdb = pytest.importorskip("duckdb")  # a test extra; not on every GPU image
     out = tmp_path / "tags.parquet"
     assert run(*tag_args(tmp_path / "photos", labels_file, out)).exit_code == 0
-    meta = json.loads(pq.read_schema(out).metadata[b"omni"])
+    meta = metadata(out)
     assert meta["labels"] == list(LABELS)
     assert meta["prompts"][0] == ["a photo of a red circle."]
     assert meta["precision"] == "fp32" and meta["model"] == str(MODEL)
@@ -102,7 +104,7 @@ def test_non_ascii_labels_and_custom_prompts_are_kept(tmp_path, images, labels_f
     )
     out = tmp_path / "tags.parquet"
     assert run(*tag_args(tmp_path / "photos", labels, out, "--top-k", 1)).exit_code == 0
-    meta = json.loads(pq.read_schema(out).metadata[b"omni"])
+    meta = metadata(out)
     assert meta["labels"] == ["red circle", "cercle vert", "青い三角形"]
     assert meta["prompts"][1] == ["a photo of a green circle.", "green circle"]
     top = {images[r["path"]]: r["top_labels"] for r in pq.read_table(out).to_pylist()}
@@ -185,6 +187,4 @@ def test_empty_folder_says_so_and_writes_an_empty_valid_output(tmp_path, labels_
     assert result.exit_code == 0, result.output
     assert "no image files found under" in result.output
     table = pq.read_table(out)
-    assert table.num_rows == 0 and json.loads(table.schema.metadata[b"omni"])["labels"] == list(
-        LABELS
-    )
+    assert table.num_rows == 0 and metadata(out)["labels"] == list(LABELS)

@@ -5,7 +5,6 @@ One local Ray cluster (2 CPUs) serves the whole module; the engine reuses a sess
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tempfile
@@ -18,7 +17,7 @@ from typer.testing import CliRunner
 
 from omni_cli.cli import app
 from omni_cli.config import ModelConfig, TagConfig
-from omni_cli.output.sink import META_KEY
+from omni_cli.output.layout import metadata
 from omni_cli.pipeline import tag
 from omni_cli.ray_engine import placement
 
@@ -78,7 +77,7 @@ def test_same_rows_as_local_engine(cluster, folder, labels_file, tmp_path):
     assert len(remote.errors) == 3 and remote.exit_code == 3
     a, b = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "ray.parquet")
     assert a.schema.equals(b.schema, check_metadata=False)
-    meta_a, meta_b = (json.loads(t.schema.metadata[META_KEY]) for t in (a, b))
+    meta_a, meta_b = (metadata(tmp_path / f"{n}.parquet") for n in ("local", "ray"))
     meta_a.pop("created"), meta_b.pop("created")
     # each engine encodes the content-free images itself: the baselines agree to float noise
     base_a, base_b = meta_a.pop("score_baseline"), meta_b.pop("score_baseline")

@@ -12,7 +12,7 @@ import torch
 
 from omni_cli.config import DEFAULT_THRESHOLD, DecodeConfig, ModelConfig, TagConfig
 from omni_cli.model import scoring
-from omni_cli.output.sink import META_KEY
+from omni_cli.output.layout import META_KEY, metadata
 from omni_cli.pipeline import tag
 from omni_cli.tools import synthetic
 
@@ -117,7 +117,7 @@ def test_metadata_says_how_scores_are_computed(tmp_path, photos, labels_file):
     names = schema.names
     assert names.index("scores") == names.index("probs") + 1
     assert schema.field("scores").type == pa.list_(pa.float32(), len(LABELS))
-    meta = json.loads(schema.metadata[META_KEY])
+    meta = metadata(out)
     assert "score_baseline" in meta["scores"] and meta["threshold"] == DEFAULT_THRESHOLD
     baseline = np.array(meta["score_baseline"])
     for row in pq.read_table(out).to_pylist():  # the file alone recomputes the scores
@@ -140,7 +140,7 @@ def test_rows_written_before_scores_are_rescored_or_retagged(tmp_path, labels_fi
         tag(config(folder, labels_file, out, save_embeddings=embeddings))
         fresh = rows_by_path(out)
         table = pq.read_table(out)  # as the previous version wrote it: no scores, no rule
-        meta = json.loads(table.schema.metadata[META_KEY])
+        meta = metadata(out)
         for key in ("scores", "score_baseline", "tile_rule", "request"):
             meta.pop(key)
         table = table.drop_columns(["scores"])

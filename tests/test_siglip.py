@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from omni_cli.cli import app
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
 from omni_cli.model.loading import load_encoder, quantise
+from omni_cli.output.layout import metadata
 from omni_cli.pipeline import tag
 from omni_cli.tools import vram
 
@@ -61,7 +62,7 @@ def test_tag_puts_the_true_label_first(tmp_path, images, labels_file):
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == len(images) == 9
     assert {r["path"]: r["top_labels"][0] for r in rows} == images
-    meta = json.loads(pq.read_schema(out).metadata[b"omni"])
+    meta = metadata(out)
     assert meta["probs"] == "sigmoid(logit_scale * similarity + logit_bias)"
     assert meta["logit_bias"] < 0 < meta["logit_scale"]
     # Per-label sigmoids of the model's own scale and bias, not a softmax over the labels...

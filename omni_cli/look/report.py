@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import os
 import time
@@ -35,8 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import UsageError
+from ..output.layout import file_metadata
 
-META_KEY = b"omni"  # as sink.META_KEY
 BATCH_ROWS = 65_536
 MAX_THUMBNAILS = 2_400  # 100 labels x 24: the page stays under ~20 MB with real photos
 MAX_ERROR_ROWS = 200
@@ -93,11 +92,7 @@ def open_output(path: Path) -> tuple[pq.ParquetFile, dict]:
         raise UsageError(
             f"{path} is not a Parquet file ({str(exc).splitlines()[0][:200]})"
         ) from None
-    raw = (file.schema_arrow.metadata or {}).get(META_KEY)
-    try:
-        meta = json.loads(raw) if raw else None
-    except ValueError:
-        meta = None
+    meta = file_metadata(file.metadata)  # either form: footer key, or also in the schema
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
         raise UsageError(f"{path} is not an `omni tag` output (no omni metadata in its schema)")
     return file, meta

@@ -34,7 +34,7 @@ from ..inputs.loader import Item
 from ..model import scoring
 from ..model.encoder import Encoder
 from ..model.labels import Classifier
-from .sink import META_KEY
+from .layout import META_KEY
 
 
 class _ViewQueue:
