@@ -208,9 +208,10 @@ def main() -> None:
             started = time.perf_counter()
             forge(work, rows, labels, pool)
             size = {out: sum(p.stat().st_size for p in _files(work / out)) for out in args.layouts}
-            print(f"forged {rows:,} rows x {args.labels:,} labels in "
-                  f"{time.perf_counter() - started:.0f} s: "
-                  + ", ".join(f"{o} {s / 1e9:.2f} GB" for o, s in size.items()), flush=True)  # fmt: skip
+            sizes = ", ".join(f"{o} {s / 1e9:.2f} GB" for o, s in size.items())
+            took = time.perf_counter() - started
+            print(f"forged {rows:,} rows x {args.labels:,} labels in {took:.0f} s: {sizes}",
+                  flush=True)  # fmt: skip
             for run in args.runs:
                 if run == "night":
                     night(work, pool)

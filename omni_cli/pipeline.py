@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 from . import __version__
 from .config import TagConfig
 from .errors import Interrupted, Terminated
-from .inputs.sources import FileEntry, check_inputs, discover
+from .inputs.listing import Files, listing
+from .inputs.sources import FileEntry, check_inputs
 from .model import hub
 from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
 from .output.finish import finish, recover
@@ -94,7 +95,7 @@ def tag(
     with OutputLock(cfg.output):
         recover(cfg.output)
         emit(Progress("scan", message="listing files"))
-        entries = list(discover(cfg.inputs, recursive=cfg.recursive))
+        entries = listing(cfg.inputs, recursive=cfg.recursive)
         if not entries:
             where = ", ".join(map(str, cfg.inputs))
             emit(Progress("note", message=f"no image files found under {where}"))
@@ -244,7 +245,7 @@ def load_model(
 
 def plan_run(
     cfg: TagConfig,
-    entries: list[FileEntry],
+    entries: Files,
     encoder: Encoder,
     classifier: Classifier,
     labels: list[Label],

@@ -32,8 +32,9 @@ from .config import TagConfig
 from .errors import OmniError, UsageError
 from .inputs.decode import Decoded, Preprocess
 from .inputs.feed import Fed
+from .inputs.listing import listing
 from .inputs.loader import ImageDataset, collate
-from .inputs.sources import FileEntry, discover
+from .inputs.sources import FileEntry
 from .output.finish import recover
 from .output.lock import OutputLock
 from .output.rows import Tagger
@@ -100,7 +101,7 @@ def tag_ray(
     with OutputLock(cfg.output):
         recover(cfg.output)
         emit(Progress("scan", message="listing files"))
-        entries = list(discover(cfg.inputs, recursive=cfg.recursive))
+        entries = listing(cfg.inputs, recursive=cfg.recursive)
         kept = unchanged(cfg, entries, request(cfg, labels, prompts))
         if kept is not None:  # nothing to do: no cluster to start
             return TagResult(cfg.output, len(entries), 0, 0, len(entries), kept, unchanged=True)

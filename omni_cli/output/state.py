@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from ..config import TagConfig
 from ..errors import OutputError, UsageError
+from ..inputs.listing import Files
 from ..inputs.sources import FileEntry
 from . import archive, layout
 from .archive import Part
@@ -112,6 +113,13 @@ def entry_key(e: FileEntry) -> str:
     return f"{e.root}\x00{e.rel}\x00{e.bytes}\x00{e.mtime_ns}"
 
 
+def file_keys(entries: Files | Sequence[FileEntry]) -> pa.Array:
+    """The keys of the files found now, as `row_keys` makes them of rows."""
+    if isinstance(entries, Files):
+        return entries.keys()
+    return pa.array([entry_key(e) for e in entries], pa.string())
+
+
 def metadata(schema: pa.Schema) -> dict:
     """The run's metadata an in-memory output schema carries."""
     return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
@@ -126,7 +134,7 @@ def columns(labels: int, embeddings: bool) -> list[str]:
     return output_schema(labels, embeddings=embeddings, metadata={}).names
 
 
-def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
+def unchanged(cfg: TagConfig, entries: Files | Sequence[FileEntry], request: dict):
     """The previous output's error rows if this run has nothing to do, else None.
 
     Nothing to do: no interrupted run, the previous output was asked for exactly as this run
@@ -147,7 +155,7 @@ def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
         return None
     if table.num_rows != len(entries):
         return None
-    now = pa.array([entry_key(e) for e in entries], pa.string())
+    now = file_keys(entries)
     if not pc.all(pc.is_in(now, value_set=row_keys(table))).as_py():
         return None
     if pc.count_distinct(now).as_py() != len(entries):
@@ -156,13 +164,13 @@ def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
     return list(zip(*(errors[c].to_pylist() for c in ("root", "path", "error")), strict=True))
 
 
-def plan_work(cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema) -> Plan:
+def plan_work(cfg: TagConfig, entries: Files | Sequence[FileEntry], schema: pa.Schema) -> Plan:
     """Split `entries` into work to do and rows to keep; refuse what would lose results.
 
     The one place a run's plan is made; the result is frozen.
     """
     want = fingerprint(metadata(schema))
-    now = pa.array([entry_key(e) for e in entries], pa.string())
+    now = file_keys(entries)
     done = pa.array([], pa.string())
     fields: dict = {}
     notes = []
@@ -182,9 +190,9 @@ def plan_work(cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema) -
         fields.update(carried)
         done = pa.concat_arrays([done, carried.get("carry", pa.array([], pa.string()))])
     todo = np.flatnonzero(~pc.is_in(now, value_set=done).to_numpy(zero_copy_only=False))
-    todo_entries = [entries[i] for i in todo]
-    if layout.is_archive(cfg.output):  # tag in key order: new rows then merge part by part
-        todo_entries.sort(key=lambda e: (e.root, e.rel))
+    # The archive's new rows are merged into its parts in key order: tag them in that order.
+    files = entries if isinstance(entries, Files) else Files.of(entries)
+    todo_entries = files.entries(todo, sort=layout.is_archive(cfg.output))
     fields.pop("carry", None)
     return Plan(todo_entries, schema, now, message="; ".join(notes), **fields)
 
