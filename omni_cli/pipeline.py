@@ -25,12 +25,12 @@ import pyarrow.compute as pc
 from . import __version__
 from .config import TagConfig
 from .errors import Interrupted, Terminated
-from .inputs.sources import FileEntry, check_inputs, discover
+from .inputs.sources import FileEntry, Unlisted, check_inputs, discover
 from .model import hub
 from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
-from .output.state import Plan, plan_work, unchanged
+from .output.state import Plan, check_shrink, entry_key, held_rows, plan_work, unchanged
 
 if TYPE_CHECKING:
     from .inputs.decode import Preprocess
@@ -67,10 +67,12 @@ class TagResult:
     cpu_share: float | None = None  # final share of batches the CPU workers decoded (hybrid)
     times: dict[str, float] = field(default_factory=dict)  # seconds per activity: where it went
     unchanged: bool = False  # nothing to do: the output was left as it was
+    unlisted: list[tuple[str, str, str]] = field(default_factory=list)  # folders not listed
+    retopped: int = 0  # carried rows whose top tags were picked again (new --top-k/--threshold)
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.errors else 0
+        return 3 if self.errors or self.unlisted else 0
 
     @property
     def images_per_second(self) -> float:
@@ -91,21 +93,52 @@ def tag(
     emit = on_progress or (lambda event: None)
     labels, prompts = prepare(cfg)
     with OutputLock(cfg.output):
-        emit(Progress("scan", message="listing files"))
-        entries = list(discover(cfg.inputs, recursive=cfg.recursive))
-        if not entries:
-            where = ", ".join(map(str, cfg.inputs))
-            emit(Progress("note", message=f"no image files found under {where}"))
-        kept = unchanged(cfg, entries, request(cfg, labels, prompts))
-        if kept is not None:
-            return TagResult(cfg.output, len(entries), 0, 0, len(entries), kept, unchanged=True)
+        listing = list_inputs(cfg, labels, prompts, emit)
+        if listing.result is not None:
+            return listing.result
+        entries = listing.entries
         emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
         encoder, classifier = load_model(cfg, prompts, emit)
-        plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
+        plan, tagger = plan_run(cfg, listing, encoder, classifier, labels, prompts, emit)
         feeder = make_feeder(cfg, encoder, plan.todo, jpeg_decoder)
         result = write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder, tagger)
         result.times = {**feeder.times, **tagger.times}
+        result.unlisted = listing.unlisted
         return result
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What the inputs hold now, as both engines start from it (under the output's lock)."""
+
+    entries: list[FileEntry]  # files found, plus the rows held under folders not listed
+    held: frozenset  # keys of those held rows: kept as they are
+    unlisted: list[tuple[str, str, str]]  # (root, folder, reason) of folders not listed
+    result: TagResult | None  # set when nothing changed: the run ends here
+
+
+def list_inputs(cfg: TagConfig, labels, prompts, emit: Callable[[Progress], None]) -> Listing:
+    """List the inputs; end the run if nothing changed; refuse a run that would empty the
+    output (an unmounted share) before any model is loaded."""
+    emit(Progress("scan", message="listing files"))
+    problems: list[Unlisted] = []
+    entries = list(discover(cfg.inputs, recursive=cfg.recursive, unlisted=problems))
+    unlisted = [(u.root, u.rel, u.reason) for u in problems]
+    for root, folder, reason in unlisted:
+        emit(Progress("note", message=f"{Path(root) / folder}: {reason}; its rows are kept"))
+    held = held_rows(cfg.output, problems)
+    if not entries:
+        where = ", ".join(map(str, cfg.inputs))
+        emit(Progress("note", message=f"no image files found under {where}"))
+    entries += held
+    kept = unchanged(cfg, entries, request(cfg, labels, prompts))
+    done = None
+    if kept is not None:
+        n = len(entries)
+        done = TagResult(cfg.output, n, 0, 0, n, kept, unchanged=True, unlisted=unlisted)
+    else:
+        check_shrink(cfg, entries, cfg.allow_shrink)
+    return Listing(entries, frozenset(map(entry_key, held)), unlisted, done)
 
 
 def make_feeder(
@@ -161,8 +194,11 @@ def write_rows(
     seconds = time.perf_counter() - started
     emit(Progress("finish", done, len(plan.todo), len(errors), "writing output"))
     rescore = tagger.rescore if tagger is not None else None
-    total = sink.finish(plan.carried(rescore), keep=plan.matches)
-    return TagResult(
+    try:
+        total = sink.finish(plan.carried(rescore), keep=plan.matches)
+    except (KeyboardInterrupt, Terminated) as exc:
+        raise _interrupted(exc, sink.saved + plan.resumed, cfg.output, finishing=True) from None
+    result = TagResult(
         cfg.output,
         total,
         done - len(errors),
@@ -175,10 +211,26 @@ def write_rows(
         feeder.device_decoded if feeder else 0,
         feeder.control.split.share if feeder and feeder.control else None,
     )
+    if plan.previous is not None and plan.rescore:
+        result.retopped = total - done
+    return result
 
 
-def _interrupted(exc: BaseException, saved: int, output: Path) -> Interrupted:
+def _interrupted(
+    exc: BaseException, saved: int, output: Path, *, finishing: bool = False
+) -> Interrupted:
     what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    if finishing:  # the rows are all in OUT.partial/; OUT is still the previous output
+        saved_in = (
+            f"; its {saved:,} row{'' if saved == 1 else 's'} are saved in {partial_dir(output)}"
+            if saved
+            else ""
+        )
+        return Interrupted(
+            f"{what} while writing {output}, which is left as it was{saved_in}: rerun the "
+            "same command to finish",
+            code,
+        )
     if not saved:
         return Interrupted(f"{what} before any row was finished; nothing was saved", code)
     return Interrupted(
@@ -242,7 +294,7 @@ def load_model(
 
 def plan_run(
     cfg: TagConfig,
-    entries: list[FileEntry],
+    listing: Listing,
     encoder: Encoder,
     classifier: Classifier,
     labels: list[Label],
@@ -255,7 +307,7 @@ def plan_run(
     names = [lab.name for lab in labels]
     meta = run_metadata(cfg, encoder, labels=labels, prompts=prompts, classifier=classifier)
     out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
-    plan = plan_work(cfg, entries, out_schema)
+    plan = plan_work(cfg, listing.entries, out_schema, held=listing.held)
     if plan.message:
         emit(Progress("note", message=plan.message))
     tagger = Tagger(

@@ -87,6 +87,8 @@ class Sink:
         self.part_seconds = part_seconds
         self.folder = partial_dir(self.output)
         self.folder.mkdir(exist_ok=True)
+        for stale in self.folder.glob(".part-*.tmp"):  # a part a killed run did not finish
+            stale.unlink(missing_ok=True)
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
@@ -134,7 +136,9 @@ class Sink:
         have flushed rows for files that have changed since).
         """
         self.close()
-        tmp = self.output.with_name(self.output.name + ".tmp")
+        # An output that is a symlink stays one: the file it points to is replaced.
+        target = Path(os.path.realpath(self.output))
+        tmp = target.with_name(target.name + ".tmp")
         rows = 0
         try:
             with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
@@ -146,8 +150,8 @@ class Sink:
                         writer.write_batch(batch, row_group_size=batch.num_rows)
                     rows += batch.num_rows
             _fsync(tmp)
-            os.replace(tmp, self.output)
-            _fsync_dir(self.output.parent)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
         except BaseException as exc:  # an interrupt or any error: no OUT.tmp is left behind
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):

@@ -13,6 +13,14 @@ new labels or prompts (or a new scoring rule) are absorbed: rows are rescored fr
 embeddings, or everything is tagged again, and the message says which; a new --top-k or
 --threshold picks the top tags again from the stored scores.
 
+What the listing did not see is not taken as gone: rows under a sub-folder that could not be
+listed are kept as they are (`held`), and a run that would drop more than half of the previous
+output's rows, or every row of one input (an unmounted share lists as an empty folder), is
+refused unless `--allow-shrink` (`check_shrink`, before the model loads). Error rows of files
+that crashed or hung the decoder (`STICKY_ERRORS`) are kept like finished rows until the file
+changes, so that one poisonous file is not met again every night; other error rows are retried
+by any run with other work to do.
+
 `unchanged` answers the nightly question cheaply, from `stat` and the previous output's keys
 and metadata alone: if every file is as it was and the run is asked for the same way, there is
 nothing to do, not even a model to load. Error rows of unchanged files count as done then;
@@ -32,8 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import TagConfig
-from ..errors import OutputError, UsageError
-from ..inputs.sources import FileEntry
+from ..errors import InputUnreadable, OutputError, UsageError
+from ..inputs.sources import FileEntry, Unlisted, printable
 from .sink import META_KEY, partial_dir, read_parts
 from .sink import schema as output_schema
 
@@ -47,6 +55,9 @@ SCORING = ("labels", "prompts", "scores", "tile_rule")
 TOPS = ("top_k", "threshold")
 # ... and whether a stored row can be used as it is.
 FINGERPRINT = (*ENCODING, *SCORING, "embedding", *TOPS)
+# Error rows that stay until their file changes (inputs.loader writes them): retrying them
+# would meet the same crash or hang every night.
+STICKY_ERRORS = ("crashed the decoder", "decoder timed out")
 
 
 @dataclass
@@ -139,8 +150,15 @@ def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
     return list(zip(*(errors[c].to_pylist() for c in ("root", "path", "error")), strict=True))
 
 
-def plan_work(cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema) -> Plan:
-    """Split `entries` into work to do and rows to keep; refuse what would lose results."""
+def plan_work(
+    cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema, held: frozenset = frozenset()
+) -> Plan:
+    """Split `entries` into work to do and rows to keep; refuse what would lose results.
+
+    `held`: keys of the previous output's rows under folders that could not be listed; they
+    are kept as they are, whatever their status. An interrupted run's rows are resumed also
+    under `--full` (it ignores only the previous output), unless they were made differently.
+    """
     want = fingerprint(schema)
     keys = {entry_key(e): e for e in entries}
     plan = Plan([], schema, pa.array(list(keys), pa.string()))
@@ -148,17 +166,18 @@ def plan_work(cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema) -
     notes = []
     partial = partial_dir(cfg.output)
     if partial.exists():
-        if cfg.resume and not cfg.full:
-            resumed = _resume(partial, want, plan, cfg)
+        resumed = _resume(partial, want, plan, cfg) if cfg.resume else None
+        if resumed is None:
+            shutil.rmtree(partial, ignore_errors=True)
+            why = "--no-resume" if not cfg.resume else "made differently, and --full"
+            notes.append(f"an interrupted run's rows were discarded ({why})")
+        else:
             done |= resumed
             plan.resumed = len(resumed)
             if resumed:
                 notes.append(f"resuming: {len(resumed):,} rows from an interrupted run")
-        else:
-            shutil.rmtree(partial, ignore_errors=True)
-            notes.append("an interrupted run's rows were discarded (--full or --no-resume)")
     if cfg.output.exists() and not cfg.full:
-        note, carried = _previous(cfg, want, plan, done)
+        note, carried = _previous(cfg, want, plan, done, held)
         notes += [note] if note else []
         done |= carried
     plan.todo = [e for k, e in keys.items() if k not in done]
@@ -176,7 +195,9 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
-def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[str, set[str]]:
+def _previous(
+    cfg: TagConfig, want: dict, plan: Plan, done: set[str], held: frozenset = frozenset()
+) -> tuple[str, set[str]]:
     """Decide what the previous output can give this run; returns (note, carried keys)."""
     output = cfg.output
     previous = _schema(output)
@@ -195,6 +216,12 @@ def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[s
         )
     rescore = [k for k in SCORING if have[k] != want[k]]
     relabel = bool(rescore)
+    if "embedding" in previous.names and not want["embedding"]:
+        raise UsageError(
+            f"{output} holds stored embeddings and this run would drop them: nothing was "
+            "touched. Rerun with --save-embeddings to keep them, or with --full to tag "
+            "everything again without them"
+        )
     if want["embedding"] and "embedding" not in previous.names:
         return "previous output has no embeddings (--save-embeddings): tagging everything", set()
     if relabel and "embedding" not in previous.names:
@@ -203,9 +230,20 @@ def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[s
             f"{what} and the previous output has no embeddings to rescore from "
             "(see --save-embeddings): tagging everything"
         ), set()
-    table = pq.read_table(output, columns=["root", "path", "status", "bytes", "mtime_ns"])
-    ok = table.filter(pc.equal(table["status"], "ok"))
-    carried = set(row_keys(ok.filter(plan.matches(ok))).to_pylist()) - done
+    table = pq.read_table(output, columns=["root", "path", "status", "error", "bytes", "mtime_ns"])
+    keep = pc.or_(pc.equal(table["status"], "ok"), sticky(table["error"]))
+    if held:
+        keep = pc.or_(keep, pc.is_in(row_keys(table), value_set=pa.array(list(held), pa.string())))
+    kept = table.filter(keep)
+    kept = kept.filter(plan.matches(kept))
+    carried = set(row_keys(kept).to_pylist()) - done
+    errors = kept.filter(pc.equal(kept["status"], "error"))
+    errors = errors.filter(
+        pc.invert(pc.is_in(row_keys(errors), value_set=pa.array(list(done), pa.string())))
+    )
+    plan.carried_errors += zip(
+        *(errors[c].to_pylist() for c in ("root", "path", "error")), strict=True
+    )
     if not carried:
         return "", carried
     plan.previous = output
@@ -217,8 +255,10 @@ def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[s
     return f"incremental: {len(carried):,} unchanged files {how}", carried
 
 
-def _resume(partial: Path, want: dict, plan: Plan, cfg: TagConfig) -> set[str]:
-    """Keys of the interrupted run's rows that still hold; its error rows go to the plan."""
+def _resume(partial: Path, want: dict, plan: Plan, cfg: TagConfig) -> set[str] | None:
+    """Keys of the interrupted run's rows that still hold; its error rows go to the plan.
+
+    None when they were made differently and `--full` says to discard them."""
     parts = sorted(partial.glob("part-*.parquet"))
     if not parts:
         return set()
@@ -226,6 +266,8 @@ def _resume(partial: Path, want: dict, plan: Plan, cfg: TagConfig) -> set[str]:
     try:
         have = fingerprint(pq.read_schema(parts[0]))
         changed = differences(have, want, FINGERPRINT)
+        if changed and cfg.full:
+            return None
         if changed:
             raise UsageError(
                 f"an interrupted run's rows in {partial} were made differently "
@@ -244,6 +286,73 @@ def _resume(partial: Path, want: dict, plan: Plan, cfg: TagConfig) -> set[str]:
             "move the folder away, or rerun with --no-resume to discard it"
         ) from None
     return keys
+
+
+def sticky(errors: pa.Array) -> pa.Array:
+    """Which error texts mark a file that is kept as it is until it changes."""
+    marks = [pc.starts_with(errors, prefix) for prefix in STICKY_ERRORS]
+    out = marks[0]
+    for mark in marks[1:]:
+        out = pc.or_(out, mark)
+    return pc.fill_null(out, False)
+
+
+def previous_rows(output: Path, columns: Sequence[str]) -> pa.Table | None:
+    """These columns of the previous output, or None where there is none to read."""
+    if not output.is_file() or _schema(output) is None:
+        return None
+    return pq.read_table(output, columns=list(columns))
+
+
+def held_rows(output: Path, unlisted: Sequence[Unlisted]) -> list[FileEntry]:
+    """The previous output's rows under folders that could not be listed, as entries whose
+    size and mtime are those stored: they are kept as they are (see `plan_work(held=...)`)."""
+    table = previous_rows(output, ["root", "path", "bytes", "mtime_ns"]) if unlisted else None
+    if table is None:
+        return []
+    under = None
+    for u in unlisted:
+        mask = pc.and_(pc.equal(table["root"], u.root), pc.starts_with(table["path"], u.rel))
+        under = mask if under is None else pc.or_(under, mask)
+    rows = table.filter(under).to_pylist()
+    return [FileEntry(r["root"], r["path"], "", r["bytes"] or 0, r["mtime_ns"] or 0)
+            for r in rows]  # fmt: skip
+
+
+def check_shrink(cfg: TagConfig, entries: Sequence[FileEntry], allow: bool) -> None:
+    """Refuse a run that would drop every row of an input, or more than half of the previous
+    output's rows, unless `allow`: an unmounted share lists as an empty folder."""
+    if allow:
+        return
+    table = previous_rows(cfg.output, ["root", "path"])
+    if table is None or not table.num_rows:
+        return
+    now = pa.array(sorted({f"{e.root}\x00{e.rel}" for e in entries}), pa.string())
+    was = pc.binary_join_element_wise(table["root"], table["path"], "\x00")
+    gone = table.filter(pc.invert(pc.is_in(was, value_set=now)))
+    if not gone.num_rows:
+        return
+    found = {e.root for e in entries}
+    given = {printable(str(p)) for p in cfg.inputs}
+    for root in pc.unique(gone["root"]).to_pylist():
+        held = pc.sum(pc.equal(table["root"], root)).as_py()
+        if root in found or not held:
+            continue
+        why = "holds no image files now" if root in given else "is not among this run's inputs"
+        raise InputUnreadable(
+            f"{root} {why}, but {cfg.output} has {_rows(held)} from it (a share that is not "
+            "mounted?): nothing was touched. Rerun with --allow-shrink if they really are gone"
+        )
+    if 2 * gone.num_rows > table.num_rows:
+        raise InputUnreadable(
+            f"this run would drop {gone.num_rows:,} of the {_rows(table.num_rows)} in "
+            f"{cfg.output} (their files are gone): nothing was touched. Check that the inputs "
+            "are all there, or rerun with --allow-shrink if they really are gone"
+        )
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row" + ("" if n == 1 else "s")
 
 
 def _schema(path: Path) -> pa.Schema | None:
