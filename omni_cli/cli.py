@@ -282,6 +282,13 @@ def tag(
         "input or drops more than half of the output (refused otherwise: an unmounted share "
         "looks like an empty folder).",
     ),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Read every file and compare its content hash with the one recorded by the "
+        "last --verify run (kept in OUT.hashes): catches files rewritten with their size and "
+        "mtime restored. Costs a read of the whole archive.",
+    ),
     flush_rows: int = typer.Option(
         1024, min=1, metavar="N", help="Rows per crash-safe flush to OUT.partial/."
     ),
@@ -347,6 +354,7 @@ def tag(
             resume=resume,
             full=full,
             allow_shrink=allow_shrink,
+            verify=verify,
             flush_rows=flush_rows,
         )
 

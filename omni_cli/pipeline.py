@@ -28,6 +28,7 @@ from .errors import Interrupted, Terminated
 from .inputs.sources import FileEntry, Unlisted, check_inputs, discover
 from .model import hub
 from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
+from .output import verify
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
 from .output.state import Plan, check_shrink, entry_key, held_rows, plan_work, unchanged
@@ -104,6 +105,7 @@ def tag(
         result = write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder, tagger)
         result.times = {**feeder.times, **tagger.times}
         result.unlisted = listing.unlisted
+        listing.done(cfg)
         return result
 
 
@@ -115,6 +117,13 @@ class Listing:
     held: frozenset  # keys of those held rows: kept as they are
     unlisted: list[tuple[str, str, str]]  # (root, folder, reason) of folders not listed
     result: TagResult | None  # set when nothing changed: the run ends here
+    force: frozenset = frozenset()  # keys of files whose content changed (--verify)
+    digests: tuple = ()  # --verify: the content hash of each entry, recorded when the run ends
+
+    def done(self, cfg: TagConfig) -> None:
+        """The run succeeded: record the content hashes it verified against."""
+        if cfg.verify:
+            verify.record(cfg.output, self.entries, self.digests)
 
 
 def list_inputs(cfg: TagConfig, labels, prompts, emit: Callable[[Progress], None]) -> Listing:
@@ -131,14 +140,35 @@ def list_inputs(cfg: TagConfig, labels, prompts, emit: Callable[[Progress], None
         where = ", ".join(map(str, cfg.inputs))
         emit(Progress("note", message=f"no image files found under {where}"))
     entries += held
-    kept = unchanged(cfg, entries, request(cfg, labels, prompts))
+    force, digests = frozenset(), ()
+    if cfg.verify:
+        force, digests = _verify(cfg, entries, emit)
+    kept = None if force else unchanged(cfg, entries, request(cfg, labels, prompts))
     done = None
     if kept is not None:
         n = len(entries)
         done = TagResult(cfg.output, n, 0, 0, n, kept, unchanged=True, unlisted=unlisted)
     else:
         check_shrink(cfg, entries, cfg.allow_shrink)
-    return Listing(entries, frozenset(map(entry_key, held)), unlisted, done)
+    listing = Listing(entries, frozenset(map(entry_key, held)), unlisted, done, force, digests)
+    if done is not None:
+        listing.done(cfg)
+    return listing
+
+
+def _verify(cfg: TagConfig, entries: list[FileEntry], emit) -> tuple[frozenset, tuple]:
+    """Hash every file; the keys of those whose content differs from the recorded hash."""
+    total = len(entries)
+    emit(Progress("scan", 0, total, message="verifying content hashes"))
+    digests = verify.hash_entries(
+        entries, lambda n: emit(Progress("scan", n, total, message="verifying content hashes"))
+    )
+    moved = verify.changed(cfg.output, entries, digests)
+    if moved:
+        emit(Progress("note", message=f"--verify: {len(moved):,} files changed in content "
+                      "although their size and mtime did not: tagging them again"))  # fmt: skip
+    force = frozenset(entry_key(e) for e in entries if (e.root, e.rel) in moved)
+    return force, tuple(digests)
 
 
 def make_feeder(
@@ -307,7 +337,7 @@ def plan_run(
     names = [lab.name for lab in labels]
     meta = run_metadata(cfg, encoder, labels=labels, prompts=prompts, classifier=classifier)
     out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
-    plan = plan_work(cfg, listing.entries, out_schema, held=listing.held)
+    plan = plan_work(cfg, listing.entries, out_schema, held=listing.held, force=listing.force)
     if plan.message:
         emit(Progress("note", message=plan.message))
     tagger = Tagger(

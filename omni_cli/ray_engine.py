@@ -107,6 +107,7 @@ def tag_ray(
             emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
             result = _run(ray, cfg, place, listing, labels, prompts, emit)
             result.unlisted = listing.unlisted
+            listing.done(cfg)
             return result
         finally:
             if started_here:

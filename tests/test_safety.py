@@ -234,3 +234,31 @@ def test_a_killed_runs_half_written_part_is_cleaned_up(tmp_path):
     (folder / ".part-000003.tmp").write_bytes(b"half")
     Sink(out, make_schema(1, embeddings=False, metadata={})).close()
     assert not (folder / ".part-000003.tmp").exists()
+
+
+def test_verify_retags_a_file_rewritten_with_its_size_and_mtime_restored(
+    tmp_path,
+    labels_file,
+    opened,  # noqa: F811
+):
+    from .conftest import shape_image
+
+    folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
+    make_folder(folder, 2)
+    victim = folder / "victim.bmp"  # a BMP's size depends on its width and height alone
+    shape_image("red circle", seed=1).save(victim)
+    tag(config(folder, labels_file, out, verify=True))
+    assert (tmp_path / "tags.parquet.hashes").exists()
+    assert rows_by_path(out)["victim.bmp"]["top_labels"][0] == "red circle"
+    stat = victim.stat()
+    shape_image("blue triangle", seed=2).save(victim)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert victim.stat().st_size == stat.st_size
+    opened.clear()
+    plain = tag(config(folder, labels_file, out))  # size and mtime alone: nothing changed
+    assert plain.unchanged and opened == []
+    checked = tag(config(folder, labels_file, out, verify=True))
+    assert opened == ["victim.bmp"] and checked.tagged == 1
+    assert rows_by_path(out)["victim.bmp"]["top_labels"][0] == "blue triangle"
+    opened.clear()
+    assert tag(config(folder, labels_file, out, verify=True)).unchanged and opened == []

@@ -151,13 +151,19 @@ def unchanged(cfg: TagConfig, entries: Sequence[FileEntry], request: dict):
 
 
 def plan_work(
-    cfg: TagConfig, entries: Sequence[FileEntry], schema: pa.Schema, held: frozenset = frozenset()
+    cfg: TagConfig,
+    entries: Sequence[FileEntry],
+    schema: pa.Schema,
+    held: frozenset = frozenset(),
+    force: frozenset = frozenset(),
 ) -> Plan:
     """Split `entries` into work to do and rows to keep; refuse what would lose results.
 
     `held`: keys of the previous output's rows under folders that could not be listed; they
-    are kept as they are, whatever their status. An interrupted run's rows are resumed also
-    under `--full` (it ignores only the previous output), unless they were made differently.
+    are kept as they are, whatever their status. `force`: keys of files whose content changed
+    although their size and mtime did not (`--verify`): their previous rows are not carried.
+    An interrupted run's rows are resumed also under `--full` (it ignores only the previous
+    output), unless they were made differently.
     """
     want = fingerprint(schema)
     keys = {entry_key(e): e for e in entries}
@@ -177,7 +183,7 @@ def plan_work(
             if resumed:
                 notes.append(f"resuming: {len(resumed):,} rows from an interrupted run")
     if cfg.output.exists() and not cfg.full:
-        note, carried = _previous(cfg, want, plan, done, held)
+        note, carried = _previous(cfg, want, plan, done | force, held)
         notes += [note] if note else []
         done |= carried
     plan.todo = [e for k, e in keys.items() if k not in done]
