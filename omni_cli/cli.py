@@ -276,6 +276,20 @@ def tag(
         help="Re-tag everything: ignore the previous output and an interrupted run, "
         "even if they were made with other options.",
     ),
+    allow_shrink: bool = typer.Option(
+        False,
+        "--allow-shrink",
+        help="Let this run drop the rows of files that are gone even when that empties an "
+        "input or drops more than half of the output (refused otherwise: an unmounted share "
+        "looks like an empty folder).",
+    ),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Read every file and compare its content hash with the one recorded by the "
+        "last --verify run (kept in OUT.hashes): catches files rewritten with their size and "
+        "mtime restored. Costs a read of the whole archive.",
+    ),
     flush_rows: int = typer.Option(
         1024, min=1, metavar="N", help="Rows per crash-safe flush to OUT.partial/."
     ),
@@ -303,9 +317,10 @@ def tag(
     the output is left as it is, without loading the model. A previous output made with
     another model, precision, preprocessing or tiling is not replaced unless --full.
 
-    Exit codes: 0 all tagged; 1 fatal error; 2 usage error; 3 finished, but some files could
-    not be read (they are `error` rows); 4 another run holds the output's lock; 130/143
-    interrupted (finished rows are saved: rerun to resume).
+    Exit codes: 0 all tagged; 1 fatal error, or an input that is empty or unreadable while the
+    output holds its rows (nothing touched); 2 usage error; 3 finished, but some files or
+    folders could not be read (they are `error` rows, or their rows are kept); 4 another run
+    holds the output's lock; 130/143 interrupted (finished rows are saved: rerun to resume).
     """
     if engine not in ("local", "ray"):
         raise _OptionError(f"--engine must be local or ray, not '{engine}'")
@@ -339,6 +354,8 @@ def tag(
             save_embeddings=save_embeddings,
             resume=resume,
             full=full,
+            allow_shrink=allow_shrink,
+            verify=verify,
             flush_rows=flush_rows,
         )
 
@@ -374,6 +391,7 @@ def _summary(result, quiet: bool, log_json: bool) -> None:
             batch=result.batch,
             exit_code=result.exit_code,
             error_files=[{"root": r, "path": p, "error": e} for r, p, e in result.errors[:1000]],
+            unlisted=[{"root": r, "folder": f, "error": e} for r, f, e in result.unlisted],
         )
         return
     if quiet:
@@ -387,11 +405,15 @@ def _summary(result, quiet: bool, log_json: bool) -> None:
     else:
         carried = f", {result.carried:,} carried over" if result.carried else ""
         rate = f"{result.images_per_second:,.1f} images/s" if result.tagged else "nothing to tag"
+        if result.retopped:
+            rate += f", {result.retopped:,} carried rows scored again"
         typer.echo(
             f"omni: {result.files:,} files, {result.tagged:,} tagged, {result.failed:,} failed"
             f"{carried}; {rate} ({result.precision}, {result.batch} views per forward)"
             f" -> {result.output}"
         )
+    for root, folder, reason in result.unlisted[:20]:
+        _say(f"  not listed: {Path(root) / folder}: {reason} (its rows are kept)")
     for root, path, reason in result.errors[:20]:
         _say(f"  error: {Path(root) / path}: {reason}")
     if len(result.errors) > 20:

@@ -143,6 +143,8 @@ class TagConfig:
     save_embeddings: bool = False
     resume: bool = True
     full: bool = False
+    allow_shrink: bool = False  # let a run drop most rows, or every row of an input
+    verify: bool = False  # compare content hashes too, not only size and mtime
     flush_rows: int = 1024  # rows per crash-safe part in OUT.partial/
 
     def __post_init__(self) -> None:

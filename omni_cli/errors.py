@@ -28,6 +28,10 @@ class InputNotFound(UsageError):
     """An input PATH does not exist."""
 
 
+class InputUnreadable(OmniError):
+    """An input folder cannot be listed, or would empty the output: nothing is touched."""
+
+
 class ModelError(OmniError):
     """The model cannot be found or loaded (missing, pickled weights, not a CLIP)."""
 

@@ -25,14 +25,15 @@ import pyarrow.compute as pc
 from . import __version__
 from .config import TagConfig
 from .errors import Interrupted, Terminated
-from .inputs.listing import Files, listing
-from .inputs.sources import FileEntry, check_inputs
+from .inputs.listing import Files
+from .inputs.sources import FileEntry, Unlisted, check_inputs, discover
 from .model import hub
 from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
+from .output import verify
 from .output.finish import finish, recover
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
-from .output.state import Plan, plan_work, unchanged
+from .output.state import Plan, check_shrink, entry_key, held_rows, plan_work, unchanged
 
 if TYPE_CHECKING:
     from .inputs.decode import Preprocess
@@ -69,10 +70,12 @@ class TagResult:
     cpu_share: float | None = None  # final share of batches the CPU workers decoded (hybrid)
     times: dict[str, float] = field(default_factory=dict)  # seconds per activity: where it went
     unchanged: bool = False  # nothing to do: the output was left as it was
+    unlisted: list[tuple[str, str, str]] = field(default_factory=list)  # folders not listed
+    retopped: int = 0  # carried rows whose top tags were picked again (new --top-k/--threshold)
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.errors else 0
+        return 3 if self.errors or self.unlisted else 0
 
     @property
     def images_per_second(self) -> float:
@@ -93,22 +96,82 @@ def tag(
     emit = on_progress or (lambda event: None)
     labels, prompts = prepare(cfg)
     with OutputLock(cfg.output):
-        recover(cfg.output)
-        emit(Progress("scan", message="listing files"))
-        entries = listing(cfg.inputs, recursive=cfg.recursive)
-        if not entries:
-            where = ", ".join(map(str, cfg.inputs))
-            emit(Progress("note", message=f"no image files found under {where}"))
-        kept = unchanged(cfg, entries, request(cfg, labels, prompts))
-        if kept is not None:
-            return TagResult(cfg.output, len(entries), 0, 0, len(entries), kept, unchanged=True)
+        listing = list_inputs(cfg, labels, prompts, emit)
+        if listing.result is not None:
+            return listing.result
+        entries = listing.entries
         emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
         encoder, classifier = load_model(cfg, prompts, emit)
-        plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
+        plan, tagger = plan_run(cfg, listing, encoder, classifier, labels, prompts, emit)
         feeder = make_feeder(cfg, encoder, plan.todo, jpeg_decoder)
         result = write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder, tagger)
         result.times = {**feeder.times, **tagger.times}
+        result.unlisted = listing.unlisted
+        listing.done(cfg)
         return result
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What the inputs hold now, as both engines start from it (under the output's lock)."""
+
+    entries: Files  # files found, plus the rows held under folders not listed
+    held: frozenset  # keys of those held rows: kept as they are
+    unlisted: list[tuple[str, str, str]]  # (root, folder, reason) of folders not listed
+    result: TagResult | None  # set when nothing changed: the run ends here
+    force: frozenset = frozenset()  # keys of files whose content changed (--verify)
+    digests: tuple = ()  # --verify: the content hash of each entry, recorded when the run ends
+
+    def done(self, cfg: TagConfig) -> None:
+        """The run succeeded: record the content hashes it verified against."""
+        if cfg.verify:
+            verify.record(cfg.output, self.entries, self.digests)
+
+
+def list_inputs(cfg: TagConfig, labels, prompts, emit: Callable[[Progress], None]) -> Listing:
+    """List the inputs; end the run if nothing changed; refuse a run that would empty the
+    output (an unmounted share) before any model is loaded."""
+    recover(cfg.output)
+    emit(Progress("scan", message="listing files"))
+    problems: list[Unlisted] = []
+    entries = Files.of(discover(cfg.inputs, recursive=cfg.recursive, unlisted=problems))
+    unlisted = [(u.root, u.rel, u.reason) for u in problems]
+    for root, folder, reason in unlisted:
+        emit(Progress("note", message=f"{Path(root) / folder}: {reason}; its rows are kept"))
+    held = held_rows(cfg.output, problems)
+    if not entries:
+        where = ", ".join(map(str, cfg.inputs))
+        emit(Progress("note", message=f"no image files found under {where}"))
+    entries = entries.plus(held)
+    force, digests = frozenset(), ()
+    if cfg.verify:
+        force, digests = _verify(cfg, entries, emit)
+    kept = None if force else unchanged(cfg, entries, request(cfg, labels, prompts))
+    done = None
+    if kept is not None:
+        n = len(entries)
+        done = TagResult(cfg.output, n, 0, 0, n, kept, unchanged=True, unlisted=unlisted)
+    else:
+        check_shrink(cfg, entries, cfg.allow_shrink)
+    listing = Listing(entries, frozenset(map(entry_key, held)), unlisted, done, force, digests)
+    if done is not None:
+        listing.done(cfg)
+    return listing
+
+
+def _verify(cfg: TagConfig, entries: list[FileEntry], emit) -> tuple[frozenset, tuple]:
+    """Hash every file; the keys of those whose content differs from the recorded hash."""
+    total = len(entries)
+    emit(Progress("scan", 0, total, message="verifying content hashes"))
+    digests = verify.hash_entries(
+        entries, lambda n: emit(Progress("scan", n, total, message="verifying content hashes"))
+    )
+    moved = verify.changed(cfg.output, entries, digests)
+    if moved:
+        emit(Progress("note", message=f"--verify: {len(moved):,} files changed in content "
+                      "although their size and mtime did not: tagging them again"))  # fmt: skip
+    force = frozenset(entry_key(e) for e in entries if (e.root, e.rel) in moved)
+    return force, tuple(digests)
 
 
 def make_feeder(
@@ -164,8 +227,11 @@ def write_rows(
     seconds = time.perf_counter() - started
     emit(Progress("finish", done, len(plan.todo), len(errors), "writing output"))
     rescore = tagger.rescore if tagger is not None else None
-    total = finish(cfg.output, plan, sink, rescore)
-    return TagResult(
+    try:
+        total = finish(cfg.output, plan, sink, rescore)
+    except (KeyboardInterrupt, Terminated) as exc:
+        raise _interrupted(exc, sink.saved + plan.resumed, cfg.output, finishing=True) from None
+    result = TagResult(
         cfg.output,
         total,
         done - len(errors),
@@ -178,10 +244,26 @@ def write_rows(
         feeder.device_decoded if feeder else 0,
         feeder.control.split.share if feeder and feeder.control else None,
     )
+    if plan.carried_rows and plan.rescore:
+        result.retopped = total - done
+    return result
 
 
-def _interrupted(exc: BaseException, saved: int, output: Path) -> Interrupted:
+def _interrupted(
+    exc: BaseException, saved: int, output: Path, *, finishing: bool = False
+) -> Interrupted:
     what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    if finishing:  # the rows are all in OUT.partial/; OUT is still the previous output
+        saved_in = (
+            f"; its {saved:,} row{'' if saved == 1 else 's'} are saved in {partial_dir(output)}"
+            if saved
+            else ""
+        )
+        return Interrupted(
+            f"{what} while writing {output}, which is left as it was{saved_in}: rerun the "
+            "same command to finish",
+            code,
+        )
     if not saved:
         return Interrupted(f"{what} before any row was finished; nothing was saved", code)
     return Interrupted(
@@ -245,7 +327,7 @@ def load_model(
 
 def plan_run(
     cfg: TagConfig,
-    entries: Files,
+    listing: Listing,
     encoder: Encoder,
     classifier: Classifier,
     labels: list[Label],
@@ -258,7 +340,7 @@ def plan_run(
     names = [lab.name for lab in labels]
     meta = run_metadata(cfg, encoder, labels=labels, prompts=prompts, classifier=classifier)
     out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
-    plan = plan_work(cfg, entries, out_schema)
+    plan = plan_work(cfg, listing.entries, out_schema, held=listing.held, force=listing.force)
     if plan.message:
         emit(Progress("note", message=plan.message))
     tagger = Tagger(

@@ -32,21 +32,18 @@ from .config import TagConfig
 from .errors import OmniError, UsageError
 from .inputs.decode import Decoded, Preprocess
 from .inputs.feed import Fed
-from .inputs.listing import listing
 from .inputs.loader import ImageDataset, collate
 from .inputs.sources import FileEntry
-from .output.finish import recover
 from .output.lock import OutputLock
 from .output.rows import Tagger
-from .output.state import unchanged
 from .pipeline import (
     Progress,
     TagResult,
     decode_spec,
+    list_inputs,
     load_model,
     plan_run,
     prepare,
-    request,
     write_rows,
 )
 
@@ -99,31 +96,32 @@ def tag_ray(
     if address:
         check_reachable(address)
     with OutputLock(cfg.output):
-        recover(cfg.output)
-        emit(Progress("scan", message="listing files"))
-        entries = listing(cfg.inputs, recursive=cfg.recursive)
-        kept = unchanged(cfg, entries, request(cfg, labels, prompts))
-        if kept is not None:  # nothing to do: no cluster to start
-            return TagResult(cfg.output, len(entries), 0, 0, len(entries), kept, unchanged=True)
+        listing = list_inputs(cfg, labels, prompts, emit)
+        if listing.result is not None:  # nothing to do: no cluster to start
+            return listing.result
+        entries = listing.entries
         emit(Progress("model", total=len(entries), message="starting Ray"))
         started_here = _start(ray, address, tmp_dir)
         try:
             place = placement(ray.cluster_resources(), cfg.model.device)
             emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
-            return _run(ray, cfg, place, entries, labels, prompts, emit)
+            result = _run(ray, cfg, place, listing, labels, prompts, emit)
+            result.unlisted = listing.unlisted
+            listing.done(cfg)
+            return result
         finally:
             if started_here:
                 ray.shutdown()
 
 
-def _run(ray, cfg, place: Placement, entries, labels, prompts, emit) -> TagResult:
+def _run(ray, cfg, place: Placement, listing, labels, prompts, emit) -> TagResult:
     actor_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=place.device))
     # The driver needs what the actors will load (precision, revision, batch, label classifier)
     # for the output's metadata and for rescoring carried rows; it may have no GPU, so ask one
     # worker placed like an actor.
     describe = ray.remote(_describe).options(num_cpus=place.num_cpus, num_gpus=place.num_gpus)
     encoder, classifier = ray.get(describe.remote(actor_cfg, prompts))
-    plan, tagger = plan_run(cfg, entries, encoder, classifier, labels, prompts, emit)
+    plan, tagger = plan_run(cfg, listing, encoder, classifier, labels, prompts, emit)
     names = [lab.name for lab in labels]
     tables = _dataset(ray, actor_cfg, place, plan, encoder, prompts, names) if plan.todo else []
     rows = (

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
+from omni_cli.errors import Interrupted
 from omni_cli.inputs import decode
 from omni_cli.output.lock import OutputLock
 from omni_cli.pipeline import tag
@@ -398,10 +399,13 @@ def test_an_interrupted_finish_leaves_no_tmp_and_the_old_output(tmp_path, labels
     from omni_cli.output import layout
 
     monkeypatch.setattr(layout, "_write_group", interrupted)  # while writing OUT.tmp
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="while writing .*left as it was.*1 row are saved"):
         tag(config(folder, labels_file, out))
     assert out.read_bytes() == before
     assert not out.with_name(out.name + ".tmp").exists()
+    monkeypatch.undo()
+    result = tag(config(folder, labels_file, out))  # the rerun finishes from the saved rows
+    assert result.files == 4 and result.tagged == 0
 
 
 def test_a_sink_interrupted_while_handing_rows_over_never_writes_them_twice(tmp_path):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .sources import FileEntry, discover
+from .sources import FileEntry
 
 COLUMNS = pa.schema(
     [
@@ -49,6 +48,12 @@ class Files:
             chunks.append(_batch(pending))
         return cls(pa.Table.from_batches(chunks, schema=COLUMNS))
 
+    def plus(self, entries: Sequence[FileEntry]) -> Files:
+        """These files and `entries` after them."""
+        if not entries:
+            return self
+        return Files(pa.concat_tables([self.table, Files.of(entries).table]))
+
     def __len__(self) -> int:
         return self.table.num_rows
 
@@ -72,11 +77,6 @@ class Files:
 
     def __iter__(self):
         return iter(self.entries())
-
-
-def listing(inputs: Sequence[Path], *, recursive: bool = True) -> Files:
-    """Every image file under the inputs (see `sources.discover`), as a `Files` table."""
-    return Files.of(discover(inputs, recursive=recursive))
 
 
 def _batch(entries: list[FileEntry]) -> pa.RecordBatch:

@@ -7,6 +7,11 @@ appears once, whatever the inputs: `omni tag photos photos/scans` lists a scan u
 only, and a file reached again through a symlink or a hard link is listed where it was first
 found. A symlink that points nowhere, or a file that cannot be stat'ed, is still a row,
 carrying its error.
+
+Listing is what decides which rows an output may drop, so it never guesses: an input folder
+that cannot be listed stops the run (`InputUnreadable`), and a sub-folder that cannot be listed
+is recorded in `unlisted` so that the rows it held are kept rather than dropped. Roots are
+recorded as given, with bytes that are not UTF-8 escaped as `\\xNN` like every file name.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputNotFound
+from ..errors import InputNotFound, InputUnreadable
 
 IMAGE_EXTENSIONS = frozenset(
     [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".dib"]
@@ -53,25 +58,49 @@ def check_inputs(inputs: Sequence[Path]) -> None:
             raise InputNotFound(f"input not found: {path}")
 
 
-def discover(inputs: Sequence[Path], *, recursive: bool = True) -> Iterator[FileEntry]:
+@dataclass(frozen=True)
+class Unlisted:
+    """A sub-folder that exists but could not be listed: its rows are kept, not dropped."""
+
+    root: str  # as recorded in the output's `root` column
+    rel: str  # the folder, relative to root, '/' separators, ending in '/'
+    reason: str
+
+
+def discover(
+    inputs: Sequence[Path], *, recursive: bool = True, unlisted: list[Unlisted] | None = None
+) -> Iterator[FileEntry]:
     """Every image file under the inputs, in sorted order, each stat'ed once, each real file
-    once (the first time it is reached)."""
+    once (the first time it is reached). Sub-folders that cannot be listed are appended to
+    `unlisted`; an input folder that cannot be listed raises `InputUnreadable`."""
     check_inputs(inputs)
     folders: set = set()  # (device, inode) of every folder walked, across the inputs
     files: set = set()  # (device, inode) of every file listed
+    problems = unlisted if unlisted is not None else []
     for arg in inputs:
         given = str(arg)
         if os.path.isdir(given):
-            found = _walk(given, given, "", recursive, folders)
+            try:
+                with os.scandir(given):
+                    pass
+            except OSError as exc:
+                raise InputUnreadable(
+                    f"cannot list input folder {printable(given)}: {exc.strerror}; "
+                    "nothing was touched"
+                ) from None
+            found = _walk(printable(given), given, "", recursive, folders, problems)
         else:
-            found = iter([_entry(os.path.dirname(given) or ".", os.path.basename(given), given)])
+            folder = printable(os.path.dirname(given) or ".")
+            found = iter([_entry(folder, os.path.basename(given), given)])
         for entry in found:
             if entry.identity is None or entry.identity not in files:
                 files.add(entry.identity)
                 yield entry
 
 
-def _walk(root: str, folder: str, prefix: str, recursive: bool, seen: set) -> Iterator[FileEntry]:
+def _walk(
+    root: str, folder: str, prefix: str, recursive: bool, seen: set, unlisted: list[Unlisted]
+) -> Iterator[FileEntry]:
     try:
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
@@ -79,8 +108,9 @@ def _walk(root: str, folder: str, prefix: str, recursive: bool, seen: set) -> It
         seen.add((info.st_dev, info.st_ino))
         with os.scandir(folder) as it:
             children = sorted(it, key=lambda e: e.name)
-    except OSError:
-        return  # an unreadable folder holds no rows we can name
+    except OSError as exc:  # its rows are kept: a folder we cannot read is not an empty one
+        unlisted.append(Unlisted(root, printable(prefix), f"cannot list folder: {exc.strerror}"))
+        return
     for child in children:
         if child.name.startswith("."):
             continue
@@ -91,7 +121,7 @@ def _walk(root: str, folder: str, prefix: str, recursive: bool, seen: set) -> It
             is_dir = False
         if is_dir:
             if recursive:
-                yield from _walk(root, child.path, rel + "/", recursive, seen)
+                yield from _walk(root, child.path, rel + "/", recursive, seen, unlisted)
         elif is_image_name(child.name):
             yield _entry(root, rel, child.path)
 

@@ -130,7 +130,8 @@ def write_file(
 
 def _write_group(writer: pq.ParquetWriter, batches: list[pa.RecordBatch], schema) -> None:
     table = pa.Table.from_batches(batches, schema=schema).replace_schema_metadata(None)
-    writer.write_table(table, row_group_size=max(table.num_rows, 1))
+    batch = table.combine_chunks().to_batches()[0]  # one row group of these rows
+    writer.write_batch(batch, row_group_size=batch.num_rows)
 
 
 def fsync(path: Path) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ..inputs import tiling
@@ -212,21 +213,28 @@ class Tagger:
         return self._finish(columns, sim, probs, scores, valid)
 
     def rescore(self, rows: pa.RecordBatch, *, relabel: bool) -> pa.RecordBatch:
-        """Carried `ok` rows in this run's schema, with this run's scores and top tags."""
-        views = rows["views"].to_numpy().astype(int).tolist()
-        if relabel:
-            flat = rows["embedding"].flatten().to_numpy().astype(np.float32)
+        """Carried rows in this run's schema, with this run's scores and top tags (error rows
+        kept as they are, e.g. a file that crashed the decoder, get none)."""
+        valid = pc.fill_null(pc.equal(rows["status"], "ok"), False)
+        ok = valid.to_numpy(zero_copy_only=False)
+        good = rows.filter(valid)
+        sim = np.zeros((rows.num_rows, len(self.labels)), np.float32)
+        probs, scores = sim.copy(), sim.copy()
+        if good.num_rows and relabel:
+            views = good["views"].to_numpy().astype(int).tolist()
+            flat = good["embedding"].flatten().to_numpy().astype(np.float32)
             emb = torch.from_numpy(flat).view(sum(views), -1).to(self.encoder.device)
-            sizes = list(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
-            sim, probs, scores = (t.float().cpu().numpy() for t in self.score(emb, views, sizes))
-        else:
-            sim, probs = _matrix(rows["similarity"]), _matrix(rows["probs"])
-            scores = self._scores(torch.from_numpy(sim)).float().cpu().numpy()
+            sizes = list(zip(good["width"].to_pylist(), good["height"].to_pylist(), strict=True))
+            scored = (t.float().cpu().numpy() for t in self.score(emb, views, sizes))
+            sim[ok], probs[ok], scores[ok] = scored
+        elif good.num_rows:
+            sim[ok], probs[ok] = _matrix(good["similarity"]), _matrix(good["probs"])
+            scores[ok] = self._scores(torch.from_numpy(sim[ok])).float().cpu().numpy()
         names = ["root", "path", "status", "error", "bytes", "mtime_ns", "width", "height", "views"]
         columns = {name: rows[name] for name in names}
         if self.embeddings:
             columns["embedding"] = rows["embedding"]
-        return self._finish(columns, sim, probs, scores, np.ones(rows.num_rows, bool))
+        return self._finish(columns, sim, probs, scores, ok)
 
     def _finish(self, columns: dict, sim, probs, scores, valid) -> pa.RecordBatch:
         """Add similarity, probs, scores and top tags, and order the columns as the schema does."""

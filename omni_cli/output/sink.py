@@ -88,6 +88,8 @@ class Sink:
         self.part_seconds = part_seconds
         self.folder = partial_dir(self.output)
         self.folder.mkdir(exist_ok=True)
+        for stale in self.folder.glob(".part-*.tmp"):  # a part a killed run did not finish
+            stale.unlink(missing_ok=True)
         meta = self.folder / META_FILE  # the run's metadata, once for all the parts
         if not meta.exists():
             tmp = self.folder / f".{META_FILE}.tmp"
@@ -141,14 +143,16 @@ class Sink:
         have flushed rows for files that have changed since).
         """
         self.close()
-        tmp = self.output.with_name(self.output.name + ".tmp")
+        # An output that is a symlink stays one: the file it points to is replaced.
+        target = Path(os.path.realpath(self.output))
+        tmp = target.with_name(target.name + ".tmp")
         try:
             parts = read_parts(self.folder, self.schema)
             if keep is not None:
                 parts = (b.filter(keep(b)) for b in parts)
             rows, _ = write_file(tmp, itertools.chain(carried, parts), self.schema)
-            os.replace(tmp, self.output)
-            fsync_dir(self.output.parent)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
         except BaseException as exc:  # an interrupt or any error: no OUT.tmp is left behind
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):

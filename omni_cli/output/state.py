@@ -13,6 +13,14 @@ new labels or prompts (or a new scoring rule) are absorbed: rows are rescored fr
 embeddings, or everything is tagged again, and the message says which; a new --top-k or
 --threshold picks the top tags again from the stored scores.
 
+What the listing did not see is not taken as gone: rows under a sub-folder that could not be
+listed are kept as they are (`held`), and a run that would drop more than half of the previous
+output's rows, or every row of one input (an unmounted share lists as an empty folder), is
+refused unless `--allow-shrink` (`check_shrink`, before the model loads). Error rows of files
+that crashed or hung the decoder (`STICKY_ERRORS`) are kept like finished rows until the file
+changes, so that one poisonous file is not met again every night; other error rows are retried
+by any run with other work to do.
+
 `unchanged` answers the nightly question cheaply, from `stat` and the previous output's keys
 and metadata alone: if every file is as it was and the run is asked for the same way, there is
 nothing to do, not even a model to load. Error rows of unchanged files count as done then;
@@ -34,9 +42,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import TagConfig
-from ..errors import OutputError, UsageError
+from ..errors import InputUnreadable, OutputError, UsageError
 from ..inputs.listing import Files
-from ..inputs.sources import FileEntry
+from ..inputs.sources import FileEntry, Unlisted, printable
 from . import archive, layout
 from .archive import Part
 from .layout import META_KEY, row_keys
@@ -53,6 +61,9 @@ SCORING = ("labels", "prompts", "scores", "tile_rule")
 TOPS = ("top_k", "threshold")
 # ... and whether a stored row can be used as it is.
 FINGERPRINT = (*ENCODING, *SCORING, "embedding", *TOPS)
+# Error rows that stay until their file changes (inputs.loader writes them): retrying them
+# would meet the same crash or hang every night.
+STICKY_ERRORS = ("crashed the decoder", "decoder timed out")
 
 
 @dataclass(frozen=True)
@@ -164,31 +175,48 @@ def unchanged(cfg: TagConfig, entries: Files | Sequence[FileEntry], request: dic
     return list(zip(*(errors[c].to_pylist() for c in ("root", "path", "error")), strict=True))
 
 
-def plan_work(cfg: TagConfig, entries: Files | Sequence[FileEntry], schema: pa.Schema) -> Plan:
+def plan_work(
+    cfg: TagConfig,
+    entries: Files | Sequence[FileEntry],
+    schema: pa.Schema,
+    held: frozenset = frozenset(),
+    force: frozenset = frozenset(),
+) -> Plan:
     """Split `entries` into work to do and rows to keep; refuse what would lose results.
 
-    The one place a run's plan is made; the result is frozen.
+    The one place a run's plan is made; the result is frozen. `held`: keys of the previous
+    output's rows under folders that could not be listed; they are kept as they are, whatever
+    their status. `force`: keys of files whose content changed although their size and mtime
+    did not (`--verify`): their previous rows are not carried. An interrupted run's rows are
+    resumed also under `--full` (it ignores only the previous output), unless they were made
+    differently.
     """
     want = fingerprint(metadata(schema))
     now = file_keys(entries)
     done = pa.array([], pa.string())
     fields: dict = {}
+    errors: list = []
     notes = []
     partial = partial_dir(cfg.output)
     if partial.exists():
-        if cfg.resume and not cfg.full:
-            done, errors = _resume(partial, want, now)
-            fields.update(resumed=len(done), carried_errors=tuple(errors))
+        resumed = _resume(partial, want, now, cfg) if cfg.resume else None
+        if resumed is None:
+            shutil.rmtree(partial, ignore_errors=True)
+            why = "--no-resume" if not cfg.resume else "made differently, and --full"
+            notes.append(f"an interrupted run's rows were discarded ({why})")
+        else:
+            done, errors = resumed
+            fields.update(resumed=len(done))
             if len(done):
                 notes.append(f"resuming: {len(done):,} rows from an interrupted run")
-        else:
-            shutil.rmtree(partial, ignore_errors=True)
-            notes.append("an interrupted run's rows were discarded (--full or --no-resume)")
     if layout.parts(cfg.output) and not cfg.full:
-        note, carried = _previous(cfg, want, schema, now, done)
+        skip = pa.concat_arrays([done, pa.array(sorted(force), pa.string())])
+        note, carried = _previous(cfg, want, schema, now, skip, held)
+        errors += carried.pop("carried_errors", [])
         notes += [note] if note else []
         fields.update(carried)
         done = pa.concat_arrays([done, carried.get("carry", pa.array([], pa.string()))])
+    fields.update(carried_errors=tuple(errors))
     todo = np.flatnonzero(~pc.is_in(now, value_set=done).to_numpy(zero_copy_only=False))
     # The archive's new rows are merged into its parts in key order: tag them in that order.
     files = entries if isinstance(entries, Files) else Files.of(entries)
@@ -207,8 +235,8 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
-def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array,
-              done: pa.Array) -> tuple[str, dict]:  # fmt: skip
+def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array, done: pa.Array,
+              held: frozenset = frozenset()) -> tuple[str, dict]:  # fmt: skip
     """Decide what the previous output can give this run; returns (note, Plan fields)."""
     output = cfg.output
     files = layout.parts(output)
@@ -229,6 +257,12 @@ def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array,
         )
     rescore = [k for k in SCORING if have[k] != want[k]]
     relabel = bool(rescore)
+    if "embedding" in names and not want["embedding"]:
+        raise UsageError(
+            f"{output} holds stored embeddings and this run would drop them: nothing was "
+            "touched. Rerun with --save-embeddings to keep them, or with --full to tag "
+            "everything again without them"
+        )
     if want["embedding"] and "embedding" not in names:
         return "previous output has no embeddings (--save-embeddings): tagging everything", {}
     if relabel and "embedding" not in names:
@@ -238,21 +272,29 @@ def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array,
             "(see --save-embeddings): tagging everything"
         ), {}
     try:
-        table = _keys(files, ["root", "path", "status", "bytes", "mtime_ns"], numbered=True)
+        table = _keys(files, ["root", "path", "status", "error", "bytes", "mtime_ns"],
+                      numbered=True)  # fmt: skip
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"cannot read {output} ({exc}); nothing was touched") from None
     keys = row_keys(table)
+    keep = pc.or_(pc.equal(table["status"], "ok"), sticky(table["error"]))
+    if held:
+        keep = pc.or_(keep, pc.is_in(keys, value_set=pa.array(list(held), pa.string())))
     stays = pc.and_(
-        pc.and_(pc.equal(table["status"], "ok"), pc.is_in(keys, value_set=now)),
+        pc.and_(keep, pc.is_in(keys, value_set=now)),
         pc.invert(pc.is_in(keys, value_set=done)),
-    ).combine_chunks()
+    )
+    stays = stays.combine_chunks() if isinstance(stays, pa.ChunkedArray) else stays
     carry = keys.filter(stays)
+    kept_errors = table.filter(stays).filter(pc.equal(table.filter(stays)["status"], "error"))
     fields = {
         "previous": tuple(files),
         "drop": keys.filter(pc.invert(stays)),
         "carried_rows": len(carry),
         "carry": carry,
-    }
+        "carried_errors": list(zip(*(kept_errors[c].to_pylist()
+                                     for c in ("root", "path", "error")), strict=True)),
+    }  # fmt: skip
     if layout.is_archive(output):
         version = archive.current(output)
         parts = archive.index(version)
@@ -267,8 +309,10 @@ def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array,
     return f"incremental: {len(carry):,} unchanged files {how}", fields
 
 
-def _resume(partial: Path, want: dict, now: pa.Array) -> tuple[pa.Array, list]:
-    """Keys of the interrupted run's rows that still hold, and their error rows."""
+def _resume(partial: Path, want: dict, now: pa.Array, cfg: TagConfig) -> tuple | None:
+    """Keys of the interrupted run's rows that still hold, and their error rows.
+
+    None when they were made differently and `--full` says to discard them."""
     parts = sorted(partial.glob("part-*.parquet"))
     if not parts:
         return pa.array([], pa.string()), []
@@ -280,6 +324,8 @@ def _resume(partial: Path, want: dict, now: pa.Array) -> tuple[pa.Array, list]:
             meta = layout.file_metadata(pq.read_metadata(parts[0]))
         have = fingerprint(meta or {})
         changed = differences(have, want, FINGERPRINT)
+        if changed and cfg.full:
+            return None
         if changed:
             raise UsageError(
                 f"an interrupted run's rows in {partial} were made differently "
@@ -299,6 +345,78 @@ def _resume(partial: Path, want: dict, now: pa.Array) -> tuple[pa.Array, list]:
             "move the folder away, or rerun with --no-resume to discard it"
         ) from None
     return pa.concat_arrays(keys) if keys else pa.array([], pa.string()), errors
+
+
+def sticky(errors: pa.Array) -> pa.Array:
+    """Which error texts mark a file that is kept as it is until it changes."""
+    marks = [pc.starts_with(errors, prefix) for prefix in STICKY_ERRORS]
+    out = marks[0]
+    for mark in marks[1:]:
+        out = pc.or_(out, mark)
+    return pc.fill_null(out, False)
+
+
+def previous_rows(output: Path, columns: Sequence[str]) -> pa.Table | None:
+    """These columns of the previous output (either layout), or None where there is none."""
+    files = layout.parts(output)
+    if not files or _names(files) is None:
+        return None
+    try:
+        return _keys(files, list(columns))
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def held_rows(output: Path, unlisted: Sequence[Unlisted]) -> list[FileEntry]:
+    """The previous output's rows under folders that could not be listed, as entries whose
+    size and mtime are those stored: they are kept as they are (see `plan_work(held=...)`)."""
+    table = previous_rows(output, ["root", "path", "bytes", "mtime_ns"]) if unlisted else None
+    if table is None:
+        return []
+    under = None
+    for u in unlisted:
+        mask = pc.and_(pc.equal(table["root"], u.root), pc.starts_with(table["path"], u.rel))
+        under = mask if under is None else pc.or_(under, mask)
+    rows = table.filter(under).to_pylist()
+    return [FileEntry(r["root"], r["path"], "", r["bytes"] or 0, r["mtime_ns"] or 0)
+            for r in rows]  # fmt: skip
+
+
+def check_shrink(cfg: TagConfig, entries: Files | Sequence[FileEntry], allow: bool) -> None:
+    """Refuse a run that would drop every row of an input, or more than half of the previous
+    output's rows, unless `allow`: an unmounted share lists as an empty folder."""
+    if allow:
+        return
+    table = previous_rows(cfg.output, ["root", "path"])
+    if table is None or not table.num_rows:
+        return
+    files = entries if isinstance(entries, Files) else Files.of(entries)
+    now = pc.binary_join_element_wise(files.table["root"], files.table["rel"], "\x00")
+    was = pc.binary_join_element_wise(table["root"], table["path"], "\x00")
+    gone = table.filter(pc.invert(pc.is_in(was, value_set=now.combine_chunks())))
+    if not gone.num_rows:
+        return
+    found = set(pc.unique(files.table["root"]).to_pylist())
+    given = {printable(str(p)) for p in cfg.inputs}
+    for root in pc.unique(gone["root"]).to_pylist():
+        held = pc.sum(pc.equal(table["root"], root)).as_py()
+        if root in found or not held:
+            continue
+        why = "holds no image files now" if root in given else "is not among this run's inputs"
+        raise InputUnreadable(
+            f"{root} {why}, but {cfg.output} has {_rows(held)} from it (a share that is not "
+            "mounted?): nothing was touched. Rerun with --allow-shrink if they really are gone"
+        )
+    if 2 * gone.num_rows > table.num_rows:
+        raise InputUnreadable(
+            f"this run would drop {gone.num_rows:,} of the {_rows(table.num_rows)} in "
+            f"{cfg.output} (their files are gone): nothing was touched. Check that the inputs "
+            "are all there, or rerun with --allow-shrink if they really are gone"
+        )
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row" + ("" if n == 1 else "s")
 
 
 def _names(files: Sequence[Path]) -> list[str] | None:
