@@ -4,9 +4,13 @@
 # Unchanged files are carried over without being opened, new and changed ones are tagged, and
 # rows of deleted files are dropped. A run killed half-way (reboot, OOM killer) resumes from
 # what it had flushed. Each run appends one JSON summary line to $LOG.
+#
+# OUT has no .parquet suffix, so it is an archive: a folder of Parquet parts in which a night
+# rewrites only the parts that hold a change (see README, "Output: one file or an archive").
+# Read it with pd.read_parquet("$OUT") or DuckDB's read_parquet('$OUT/*.parquet').
 set -u
 ARCHIVE=${ARCHIVE:-/srv/photos}
-OUT=${OUT:-/srv/tags/tags.parquet}
+OUT=${OUT:-/srv/tags/tags}
 LABELS=${LABELS:-/etc/omni/labels.txt}
 LOG=${LOG:-/var/log/omni/nightly.jsonl}
 OMNI=${OMNI:-omni}

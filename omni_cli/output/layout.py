@@ -30,6 +30,10 @@ META_KEY = b"omni"
 META_FILE = "_omni.json"  # an archive's metadata, in its version folder
 INDEX_FILE = "_parts.json"  # an archive's parts: key range, rows and bytes of each
 PART_GLOB = "part-*.parquet"
+# Columns worth dictionary-encoding. Not the float lists: a dictionary of random-looking floats
+# fills up and is thrown away, which costs a third of the write time and of the read time.
+DICTIONARY = ["root", "path", "status", "error", "top_labels.list.element"]
+WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": DICTIONARY}
 
 
 def is_archive(output: Path) -> bool:
@@ -110,7 +114,7 @@ def write_file(
     rows = 0
     pending: list[pa.RecordBatch] = []
     pending_bytes = 0
-    with pq.ParquetWriter(path, bare(schema), compression="zstd") as writer:
+    with pq.ParquetWriter(path, bare(schema), **WRITE_OPTIONS) as writer:
         for batch in batches:
             if not batch.num_rows:
                 continue

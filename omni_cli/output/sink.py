@@ -25,7 +25,16 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError, UsageError
 from . import archive
-from .layout import META_FILE, META_KEY, fsync, fsync_dir, is_archive, meta_json, write_file
+from .layout import (
+    META_FILE,
+    META_KEY,
+    WRITE_OPTIONS,
+    fsync,
+    fsync_dir,
+    is_archive,
+    meta_json,
+    write_file,
+)
 
 
 def schema(num_labels: int, *, embeddings: bool, metadata: dict) -> pa.Schema:
@@ -189,7 +198,7 @@ def read_parts(folder: Path, schema: pa.Schema | None = None) -> Iterator[pa.Rec
 def _write_part(folder: Path, number: int, table: pa.Table) -> None:
     final = folder / f"part-{number:06d}.parquet"
     tmp = folder / f".part-{number:06d}.tmp"
-    pq.write_table(table.replace_schema_metadata(None), tmp, compression="zstd")
+    pq.write_table(table.replace_schema_metadata(None), tmp, **WRITE_OPTIONS)
     fsync(tmp)
     os.replace(tmp, final)
 
