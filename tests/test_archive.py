@@ -332,3 +332,17 @@ def test_compaction_keeps_parts_bounded_over_many_nights(tmp_path):
     per_part = [p.rows for p in parts]
     assert max(per_part) <= 2 * 40 and len(parts) <= 2 * len(have) / 40 + 2, per_part
     assert max(sizes) <= 2 * len(have) / 40 + 4
+
+
+def test_one_file_and_an_archive_convert_into_each_other(tmp_path, labels_file, monkeypatch):
+    folder, single = photos(tmp_path, 3), tmp_path / "tags.parquet"
+    tag(config(folder, labels_file, single, save_embeddings=True))
+    monkeypatch.setattr(archive, "TARGET_BYTES", 600)  # several parts
+    assert archive.convert(single, tmp_path / "tags") == 9
+    assert len(layout.parts(tmp_path / "tags")) > 1
+    assert archive.convert(tmp_path / "tags", tmp_path / "back.parquet") == 9
+    for out in (tmp_path / "tags", tmp_path / "back.parquet"):
+        assert layout.metadata(out) == layout.metadata(single)
+        assert read_rows(out) == read_rows(single)
+    # The converted archive is the output a rerun updates: nothing changed, nothing to do.
+    assert tag(config(folder, labels_file, tmp_path / "tags", save_embeddings=True)).unchanged

@@ -135,23 +135,32 @@ def describe(path: Path) -> Part:
 class NewRows:
     """The rows a run tagged (the parts in `OUT.partial/` that still hold), in key order.
 
-    Only their keys are held; rows are fetched by key range from the partial parts, one or two
-    of which are cached (the rows of a range come from few of them: files are tagged in key
-    order).
+    Only their keys are held; rows are fetched by key range, a row group at a time, the last two
+    cached (the rows of a range come from few of them: files are tagged in key order).
     """
 
-    def __init__(self, folder: Path, schema: pa.Schema, keep: Callable[[pa.Table], pa.Array]):
+    def __init__(self, source: Path | list[Path], schema: pa.Schema,
+                 keep: Callable[[pa.Table], pa.Array]):  # fmt: skip
+        """`source`: a folder of flushed parts, or a list of Parquet files."""
         self.schema = schema
-        self.files = sorted(folder.glob(PART_GLOB)) if folder.is_dir() else []
-        tables, raw, rows = [], 0, 0
-        for number, path in enumerate(self.files):
-            meta = pq.read_metadata(path)
-            raw += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-            rows += meta.num_rows
-            t = pq.read_table(path, columns=["root", "path", "bytes", "mtime_ns"])
-            t = t.append_column("file", pa.array(np.full(t.num_rows, number, np.int32)))
-            tables.append(t.append_column("row", pa.array(np.arange(t.num_rows))))
+        if isinstance(source, list):
+            files = source
+        else:
+            files = sorted(source.glob(PART_GLOB)) if source.is_dir() else []
+        self.units: list[tuple[Path, int]] = []  # (file, row group): what is read at once
+        tables, raw = [], 0
+        for path in files:
+            file = pq.ParquetFile(path, pre_buffer=False)
+            for g in range(file.num_row_groups):
+                raw += file.metadata.row_group(g).total_byte_size
+                t = file.read_row_group(g, columns=["root", "path", "bytes", "mtime_ns"])
+                number = np.full(t.num_rows, len(self.units), np.int32)
+                t = t.append_column("file", pa.array(number))
+                tables.append(t.append_column("row", pa.array(np.arange(t.num_rows))))
+                self.units.append((path, g))
+        rows = sum(t.num_rows for t in tables)
         self.row_bytes = raw / rows if rows else 0.0
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
         if not tables:
             self.keys, self.file, self.row = pa.array([], pa.string()), np.zeros(0), np.zeros(0)
             return
@@ -161,7 +170,6 @@ class NewRows:
         self.keys = table["key"].combine_chunks()
         self.file = table["file"].to_numpy()
         self.row = table["row"].to_numpy()
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -182,7 +190,9 @@ class NewRows:
 
     def _read(self, number: int) -> pa.Table:
         if number not in self._cache:
-            self._cache[number] = pq.read_table(self.files[number], schema=self.schema)
+            path, group = self.units[number]
+            table = pq.ParquetFile(path, pre_buffer=False).read_row_group(group)
+            self._cache[number] = pa.Table.from_batches(table.to_batches(), schema=self.schema)
             while len(self._cache) > 2:
                 self._cache.popitem(last=False)
         return self._cache[number]
@@ -408,3 +418,40 @@ class _Writer:
         raw = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
         self.parts.append(Part(path.name, rows, size, raw, first, last))
         self.written += size
+
+
+def convert(source: Path, target: Path) -> int:
+    """Write the rows and metadata of one output (either layout) as another; returns its rows.
+
+    `target` ending in `.parquet` becomes one file, any other name an archive. Streams: one
+    row group at a time (one file into an archive is fastest when its rows are nearly in
+    (root, path) order, as `omni tag` writes them).
+    """
+    from .layout import META_KEY, is_archive, metadata, parts
+    from .lock import OutputLock
+
+    source, target = Path(source), Path(target)
+    files, meta = parts(source), metadata(source)
+    if not files or meta is None:
+        raise UsageError(f"{source} is not an omni output")
+    schema = pq.read_schema(files[0]).with_metadata({META_KEY: json.dumps(meta)})
+    with OutputLock(target):
+        if is_archive(target):
+            check(target)
+            recover(target)
+            new = NewRows(files, schema, lambda t: pa.array(np.ones(t.num_rows, bool)))
+            rows, _ = publish(target, schema, None, new)
+            return rows
+
+        def batches():
+            for path in files:
+                file = pq.ParquetFile(path, pre_buffer=False)
+                for g in range(file.num_row_groups):
+                    table = file.read_row_group(g)
+                    yield from pa.Table.from_batches(table.to_batches(), schema=schema).to_batches()
+
+        tmp = target.with_name(target.name + ".tmp")
+        rows, _ = write_file(tmp, batches(), schema)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        return rows
