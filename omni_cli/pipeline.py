@@ -27,10 +27,10 @@ from .config import TagConfig
 from .errors import Interrupted, Terminated
 from .inputs.listing import Files
 from .inputs.sources import FileEntry, Unlisted, check_inputs, discover
-from .model import hub
 from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
 from .output import verify
 from .output.finish import finish, recover
+from .output.identity import request
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
 from .output.state import Plan, check_shrink, entry_key, held_rows, plan_work, unchanged
@@ -280,26 +280,6 @@ def prepare(cfg: TagConfig) -> tuple[list[Label], list[tuple[str, ...]]]:
     check_inputs(cfg.inputs)
     check_writable(cfg.output)
     return labels, prompts
-
-
-def request(cfg: TagConfig, labels: list[Label], prompts) -> dict:
-    """How this run is asked for, in terms knowable without torch: equal requests over
-    unchanged files give the same output, so a rerun can stop before loading anything."""
-    return {
-        "model": hub.canonical(cfg.model.model),
-        "revision": hub.revision(cfg.model.model),
-        "precision": cfg.model.precision,
-        "preprocess": "exact" if cfg.decode.exact else "draft",
-        "tiles": cfg.decode.tiles,
-        "tile_overlap": cfg.decode.tile_overlap,
-        "max_pixels": cfg.decode.max_pixels,
-        "labels": [lab.name for lab in labels],
-        "prompts": [list(p) for p in prompts],
-        "top_k": cfg.top_k,
-        "threshold": cfg.threshold,
-        "embeddings": cfg.save_embeddings,
-        "omni_version": __version__,
-    }
 
 
 def load_model(

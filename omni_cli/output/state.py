@@ -47,20 +47,11 @@ from ..inputs.listing import Files
 from ..inputs.sources import FileEntry, Unlisted, printable
 from . import archive, layout
 from .archive import Part
+from .identity import ENCODING, IDENTITY, SCORING, TOPS, differences, fingerprint
 from .layout import META_KEY, row_keys
 from .sink import partial_dir
 from .sink import schema as output_schema
 
-# Metadata that decides whether a stored embedding is still the one this run would compute.
-ENCODING = ("model", "revision", "precision", "preprocess", "tiles", "tile_overlap")
-# ... whether its similarity and scores are those this run would compute from that embedding
-# (rows of an output written by another scoring or tiling rule, or before the `scores` column
-# existed, are rescored from their stored embeddings, or tagged again without them) ...
-SCORING = ("labels", "prompts", "scores", "tile_rule")
-# ... whether its top tags are (else they are picked again from its stored scores) ...
-TOPS = ("top_k", "threshold")
-# ... and whether a stored row can be used as it is.
-FINGERPRINT = (*ENCODING, *SCORING, "embedding", *TOPS)
 # Error rows that stay until their file changes (inputs.loader writes them): retrying them
 # would meet the same crash or hang every night.
 STICKY_ERRORS = ("crashed the decoder", "decoder timed out")
@@ -134,10 +125,6 @@ def file_keys(entries: Files | Sequence[FileEntry]) -> pa.Array:
 def metadata(schema: pa.Schema) -> dict:
     """The run's metadata an in-memory output schema carries."""
     return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
-
-
-def fingerprint(meta: dict) -> dict:
-    return {k: meta.get(k) for k in FINGERPRINT}
 
 
 def columns(labels: int, embeddings: bool) -> list[str]:
@@ -223,16 +210,6 @@ def plan_work(
     todo_entries = files.entries(todo, sort=layout.is_archive(cfg.output))
     fields.pop("carry", None)
     return Plan(todo_entries, schema, now, message="; ".join(notes), **fields)
-
-
-def differences(have: dict, want: dict, keys: Sequence[str]) -> list[str]:
-    """`name: was -> now` for every key that differs."""
-    return [f"{k} {_show(have.get(k))} -> {_show(want.get(k))}" for k in keys
-            if have.get(k) != want.get(k)]  # fmt: skip
-
-
-def _show(value) -> str:
-    return "none" if value is None else str(value)
 
 
 def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array, done: pa.Array,
@@ -323,7 +300,7 @@ def _resume(partial: Path, want: dict, now: pa.Array, cfg: TagConfig) -> tuple |
         else:  # flushed by an omni that kept the metadata in every part
             meta = layout.file_metadata(pq.read_metadata(parts[0]))
         have = fingerprint(meta or {})
-        changed = differences(have, want, FINGERPRINT)
+        changed = differences(have, want, IDENTITY)
         if changed and cfg.full:
             return None
         if changed:
