@@ -316,6 +316,7 @@ def test_compaction_keeps_parts_bounded_over_many_nights(tmp_path):
         archive.recover(out)
 
     night(list(have), set(), 0)
+    listed = layout.parts(out)  # a reader lists the version through the symlink ...
     sizes = []
     for n in range(1, 41):
         add = [f"f{i:05d}" for i in rng.choice(4000, 6, replace=False) if f"f{i:05d}" not in have]
@@ -332,6 +333,8 @@ def test_compaction_keeps_parts_bounded_over_many_nights(tmp_path):
     per_part = [p.rows for p in parts]
     assert max(per_part) <= 2 * 40 and len(parts) <= 2 * len(have) / 40 + 2, per_part
     assert max(sizes) <= 2 * len(have) / 40 + 4
+    with pytest.raises(FileNotFoundError):  # ... and cannot read another version's range
+        pq.read_table(listed[0])
 
 
 def test_one_file_and_an_archive_convert_into_each_other(tmp_path, labels_file, monkeypatch):

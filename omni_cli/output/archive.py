@@ -1,14 +1,17 @@
 """Archive: an output of many Parquet parts, where a night's run rewrites only what changed.
 
-`tags` is a symlink to a version folder `tags.d/v000042/` holding `part-NNNNN.parquet` files,
-each a contiguous range of rows sorted by (root, path), `_omni.json` (the run's metadata) and
-`_parts.json` (each part's key range, rows and bytes). A run writes a new version folder: a part
+`tags` is a symlink to a version folder `tags.d/v000042/` holding `part-000042-NNNNN.parquet`
+files, each a contiguous range of rows sorted by (root, path), `_omni.json` (the run's metadata)
+and `_parts.json` (each part's key range, rows and bytes). A run writes a new version folder: a part
 whose range holds no change is hard-linked from the previous version; the parts that hold a
 change are rewritten, streaming the old part row group by row group, dropping the rows of
 deleted or changed files and merging the new rows in key order. Then a temporary symlink is
-renamed over `tags`: readers see the old version or the new one, never a mix. A crash at any
-instant leaves the previous version visible; the next run removes half-written versions. The
-version a run replaces is kept until the next run, so that a reader that listed it can finish.
+renamed over `tags`: readers see the old version or the new one, never a mix (part names carry
+the version, so a reader that listed the old one and opens a part after the switch gets an
+error, not rows of another range; one that resolves the symlink first reads its version
+whole). A crash at any instant leaves the previous version visible; the next run removes
+half-written versions. The version a run replaces is kept until the next run, so that a reader
+that listed it can finish.
 
 Compaction keeps parts bounded: a rewritten range is cut into parts of about `TARGET_BYTES` of
 uncompressed data (equal row counts), and a rewritten range smaller than half the target
@@ -370,7 +373,9 @@ class _Writer:
         self.written = 0  # bytes of new files (hard links cost nothing)
 
     def _name(self) -> Path:
-        return self.version / f"part-{len(self.parts):05d}.parquet"
+        # The version in the name: a reader that listed the old version through the symlink
+        # and opens a part after the switch finds no such file, rather than another range.
+        return self.version / f"part-{self.version.name[1:]}-{len(self.parts):05d}.parquet"
 
     def link(self, source: Path, part: Part) -> None:
         path = self._name()

@@ -2,10 +2,11 @@
 
 An output is either one Parquet file (`-o tags.parquet`: a name ending in `.parquet`) or an
 archive (`-o tags`: any other name): `tags` is then a symlink to a version folder
-`tags.d/vNNNNNN/` holding `part-NNNNN.parquet` files (each a contiguous range of rows sorted by
-root and path) and `_omni.json`, the run's metadata. Readers skip names that start with `_`,
-so `pd.read_parquet("tags")`, `pq.read_table("tags")`, DuckDB's `read_parquet('tags/*.parquet')`
-and polars' `pl.read_parquet("tags/*.parquet")` read exactly the rows.
+`tags.d/vNNNNNN/` holding `part-NNNNNN-NNNNN.parquet` files (each a contiguous range of rows
+sorted by root and path) and `_omni.json`, the run's metadata. Readers skip names that start
+with `_`, so `pd.read_parquet("tags")`, `pq.read_table("tags")`, DuckDB's
+`read_parquet('tags/*.parquet')` and polars' `pl.read_parquet("tags/*.parquet")` read exactly
+the rows.
 
 The metadata (labels, prompts, model, options) is stored once: in `_omni.json` for an archive,
 and for one file in the Parquet footer's key-value metadata under `omni` only, not again inside
