@@ -379,7 +379,12 @@ class _Writer:
 
     def link(self, source: Path, part: Part) -> None:
         path = self._name()
-        os.link(source, path)
+        try:
+            os.link(source, path)
+        except OSError:  # a filesystem without hard links: copy (correct, but not free)
+            shutil.copyfile(source, path)
+            fsync(path)
+            self.written += part.bytes
         self.parts.append(Part(path.name, part.rows, part.bytes, part.raw, part.first, part.last))
 
     def region(self, batches: Iterator[pa.RecordBatch], rows: int, target: int) -> None:
