@@ -174,9 +174,7 @@ def _verify(cfg: TagConfig, entries: list[FileEntry], emit) -> tuple[frozenset, 
     return force, tuple(digests)
 
 
-def make_feeder(
-    cfg: TagConfig, encoder: Encoder, todo: list[FileEntry], jpeg_decoder=None
-) -> Feeder:
+def make_feeder(cfg: TagConfig, encoder: Encoder, todo: Files, jpeg_decoder=None) -> Feeder:
     """Loader and feeder for the files to tag: workers, files per batch, where JPEGs decode."""
     from .inputs.feed import Feeder, choose_decoder
     from .inputs.loader import default_workers, files_per_batch, make_loader

@@ -2,8 +2,9 @@
 
 A nightly run over a million files keeps their list for the whole run (to plan the work and
 to compare with the previous output); as `FileEntry` objects that is ~400 bytes a file, as
-Arrow columns about the length of the names. `Files` is that table; the few entries a run
-tags are made into `FileEntry` objects (what the loader decodes) only when asked for.
+Arrow columns about the length of the names. `Files` is that table, and also the list of
+files a run tags (`Plan.todo`): a loader's workers index it, and each `FileEntry` is made
+when its file is decoded, so no list of objects is held or inherited by every worker.
 """
 
 from __future__ import annotations
@@ -75,8 +76,22 @@ class Files:
         columns[2] = [os.fsdecode(p) for p in columns[2]]
         return [FileEntry(*values) for values in zip(*columns, strict=True)]
 
+    def __getitem__(self, index: int) -> FileEntry:
+        """One file, made into a `FileEntry` when asked for (what a loader's worker decodes)."""
+        row = self.table.slice(index, 1).to_pylist()[0]
+        row["path"] = os.fsdecode(row["path"])
+        return FileEntry(**row)
+
+    def take(self, rows, *, sort: bool = False) -> Files:
+        """Some rows (in order, or sorted by (root, rel)), still as a table."""
+        table = self.table.take(pa.array(rows, pa.int64()))
+        if sort:
+            table = table.sort_by([("root", "ascending"), ("rel", "ascending")])
+        return Files(table.combine_chunks())
+
     def __iter__(self):
-        return iter(self.entries())
+        for start in range(0, len(self), CHUNK):  # a chunk of objects at a time
+            yield from Files(self.table.slice(start, CHUNK)).entries()
 
 
 def _batch(entries: list[FileEntry]) -> pa.RecordBatch:

@@ -61,7 +61,7 @@ STICKY_ERRORS = ("crashed the decoder", "decoder timed out")
 class Plan:
     """What a run does, decided once before any tagging: built by `plan_work`, then read only."""
 
-    todo: list[FileEntry]
+    todo: Files  # the files to tag, as a table: indexing one makes its FileEntry
     schema: pa.Schema
     keep: pa.Array  # keys (root, path, bytes, mtime_ns) of rows that belong in the output
     previous: tuple[Path, ...] = ()  # the previous output's files whose unchanged rows stay
@@ -207,7 +207,7 @@ def plan_work(
     todo = np.flatnonzero(~pc.is_in(now, value_set=done).to_numpy(zero_copy_only=False))
     # The archive's new rows are merged into its parts in key order: tag them in that order.
     files = entries if isinstance(entries, Files) else Files.of(entries)
-    todo_entries = files.entries(todo, sort=layout.is_archive(cfg.output))
+    todo_entries = files.take(todo, sort=layout.is_archive(cfg.output))
     fields.pop("carry", None)
     return Plan(todo_entries, schema, now, message="; ".join(notes), **fields)
 
