@@ -116,9 +116,7 @@ def write_file(
     pending: list[pa.RecordBatch] = []
     pending_bytes = 0
     with pq.ParquetWriter(path, bare(schema), **WRITE_OPTIONS) as writer:
-        for batch in batches:
-            if not batch.num_rows:
-                continue
+        for batch in _bounded(batches, row_group_bytes):
             pending.append(batch)
             pending_bytes += batch.nbytes
             rows += batch.num_rows
@@ -131,6 +129,17 @@ def write_file(
             writer.add_key_value_metadata({META_KEY.decode(): meta_json(schema)})
     fsync(path)
     return rows, path.stat().st_size
+
+
+def _bounded(batches: Iterable[pa.RecordBatch], limit: int):
+    """The batches, those over `limit` bytes cut into slices of about `limit` (with 20,000
+    labels a flushed part of 1,024 rows is 240 MB: one row group of it would be read whole)."""
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        rows = max(1, limit * batch.num_rows // max(batch.nbytes, 1))
+        for start in range(0, batch.num_rows, rows):
+            yield batch.slice(start, rows)
 
 
 def _write_group(writer: pq.ParquetWriter, batches: list[pa.RecordBatch], schema) -> None:
