@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from ..config import TagConfig
 from ..errors import OutputError, UsageError
 from ..inputs.sources import FileEntry
+from ..model import hub, identity
 from .sink import META_KEY, partial_dir, read_parts
 from .sink import schema as output_schema
 
@@ -185,7 +186,7 @@ def _previous(cfg: TagConfig, want: dict, plan: Plan, done: set[str]) -> tuple[s
             f"{output} exists but is not an omni output; nothing was touched "
             "(use another --output, or --full to replace it)"
         )
-    have = fingerprint(previous)
+    have = identity.reconcile(fingerprint(previous), want, hub.snapshot)  # weights changed?
     changed = differences(have, want, ENCODING)
     if changed:
         raise UsageError(
@@ -224,7 +225,7 @@ def _resume(partial: Path, want: dict, plan: Plan, cfg: TagConfig) -> set[str]:
         return set()
     keys: set[str] = set()
     try:
-        have = fingerprint(pq.read_schema(parts[0]))
+        have = identity.reconcile(fingerprint(pq.read_schema(parts[0])), want, hub.snapshot)
         changed = differences(have, want, FINGERPRINT)
         if changed:
             raise UsageError(

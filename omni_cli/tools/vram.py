@@ -87,7 +87,7 @@ class Report:
 def estimate(cfg: VramConfig) -> Report:
     """The memory model for every precision in `cfg`; measures too with `cfg.measure`."""
     device = _device(cfg.device)
-    config = model_config(cfg.model)
+    config = model_config(cfg.model, cfg.revision)
     meta = meta_model(config)
     vision = config.vision_config
     views = views_per_image(cfg.tiles, cfg.image, cfg.tile_overlap, vision.image_size)
@@ -119,19 +119,18 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_config(model: str):
+def model_config(model: str, revision: str | None = None):
     """The model's config, from `random:NAME`, a local folder or the hub; no weights read."""
     if archs.is_random(model):
         return archs.config_for(model)
     from transformers import AutoConfig
 
     from ..model.hub import resolve
+    from ..model.loading import pretrained_kwargs
 
     try:
-        source = resolve(model)
-        return AutoConfig.from_pretrained(
-            source.name, trust_remote_code=False, local_files_only=source.local_only
-        )
+        source = resolve(model, revision)
+        return AutoConfig.from_pretrained(source.name, **pretrained_kwargs(source))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config of {model}: {str(exc).splitlines()[0]}") from None
 
