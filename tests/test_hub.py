@@ -328,3 +328,23 @@ def test_every_random_architecture_is_in_the_model_help():
         assert "--revision" in text
         for name in archs.ARCHS:
             assert f"random:{name}" in " ".join(text.split()), (command, name)
+
+
+# --- prompts longer than the text model's positions ------------------------------------------
+
+
+def test_a_prompt_longer_than_the_text_positions_is_cut_and_named(tmp_path):
+    folder = copy_model(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["model_max_length"]  # unset: transformers' huge default, no truncation
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    labels = tmp_path / "long.txt"
+    long = "a photo of a red circle " + "on a light background " * 12  # ~90 words: > 77 tokens
+    labels.write_text(f"red circle: {long}\nblue square\ngreen triangle\n")
+    result, out = tag(tmp_path, labels, folder)
+    assert result.exit_code == 0, result.output
+    assert (
+        "prompts longer than the model's 77 tokens were cut to fit, for labels: red circle\n"
+        in (result.output)
+    )
+    assert pq.read_table(out).num_rows == 3
