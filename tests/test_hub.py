@@ -348,3 +348,13 @@ def test_a_prompt_longer_than_the_text_positions_is_cut_and_named(tmp_path):
         in (result.output)
     )
     assert pq.read_table(out).num_rows == 3
+
+
+def test_search_says_when_the_model_the_file_names_is_gone(tmp_path, labels_file):
+    folder = copy_model(tmp_path)
+    result, out = tag(tmp_path, labels_file, folder, "--save-embeddings")
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(folder)
+    found = CliRunner().invoke(app, ["search", str(out), "red circle", "--device", "cpu"])
+    assert found.exit_code == 1 and "model not found" in found.output
+    assert "the model the file names" in found.output

@@ -24,7 +24,8 @@ from ..config import ModelConfig
 
 if TYPE_CHECKING:  # torch is imported once a search runs, not to check its options
     import torch
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
+from ..model.hub import check
 from ..model.identity import is_identity
 from .report import open_output
 
@@ -146,6 +147,11 @@ def query_model(meta: dict, model: str | None, device: str,
     name = model or meta.get("model")
     if not name:
         raise UsageError("the file's metadata names no model; give one with --model")
+    if model is None:  # the model that made the file is gone: not a usage mistake (exit 1)
+        try:
+            check(name, revision)
+        except UsageError as exc:
+            raise ModelError(f"{exc} (the model the file names); give one with --model") from None
     stored = meta.get("precision")
     where = resolve_device(device)
     if where.type == "cpu":
