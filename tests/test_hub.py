@@ -165,6 +165,18 @@ def test_hub_cache_snapshot_is_identified_by_blob_names_through_refs(tmp_path, h
     assert hub.snapshot(REPO, "v9") is None and hub.identity(REPO, "v9") is None
 
 
+def test_the_hub_cache_is_found_as_huggingface_hub_finds_it(tmp_path, monkeypatch):
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hub.hub_cache() == tmp_path / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    add_commit(tmp_path / "hf-home" / "hub", C1, model_files(MODEL))
+    assert hub.identity(REPO) == identity.identity(MODEL)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    assert hub.identity(REPO) is None
+
+
 def test_weights_are_read_from_blob_names_without_opening_them(tmp_path, hub_cache):
     blob = next((hub_cache / "models--org--tiny-clip" / "blobs").glob("[0-9a-f]" * 64))
     blob.write_bytes(b"not read")  # the name says what it holds: the file is not opened

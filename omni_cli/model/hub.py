@@ -191,12 +191,6 @@ def snapshot(model: str, revision: str | None = None) -> Path | None:
     return folder if commit and (folder / "config.json").exists() else None
 
 
-def cached_revision(model: str, revision: str | None = None) -> str | None:
-    """The commit of the cached snapshot of a hub model, if one is cached."""
-    folder = snapshot(model, revision)
-    return folder.name if folder else None
-
-
 def identity(model: str, revision: str | None = None) -> str | None:
     """The identity (identity.py) a load of `model` would record, from the disk alone.
 
