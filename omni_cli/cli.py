@@ -42,6 +42,7 @@ from .config import (
     parse_tiles,
 )
 from .errors import OmniError, Terminated, UsageError
+from .model import archs, hub
 
 
 class _OptionError(typer.BadParameter):
@@ -146,6 +147,21 @@ def _model_option(default: str = DEFAULT_MODEL, extra: str = ""):
     )
 
 
+def _random_archs() -> str:
+    """`, or random:vit-b-32 / ...`: every architecture `random:` builds (model/archs.py)."""
+    return ", or " + " / ".join(archs.PREFIX + name for name in archs.ARCHS)
+
+
+def _revision_option():
+    return typer.Option(
+        None,
+        metavar="REV",
+        help="Pin a hub model to a branch, tag or commit (as transformers' revision). Results "
+        "record the model's weights, so a hub commit that only edits files around them "
+        "changes nothing.",
+    )
+
+
 def _device_option():
     return typer.Option(
         "auto",
@@ -218,6 +234,7 @@ def tag(
         help="Parquet file to write (its folder is created).",
     ),
     model: str = _model_option(),
+    revision: str = _revision_option(),
     device: str = _device_option(),
     precision: str = _precision_option(),
     batch: str = _batch_option(),
@@ -337,6 +354,7 @@ def tag(
                 precision=precision,
                 batch=batch,
                 max_gpu_memory=max_gpu_memory,
+                revision=revision,
             ),
             decode=DecodeConfig(
                 decoder=decode,
@@ -532,9 +550,8 @@ def _raise_terminated(signum, frame):
 
 @app.command()
 def bench(
-    model: str = _model_option(
-        "random:vit-b-32", ", or random:vit-b-32 / random:vit-l-14 / random:siglip-b-16"
-    ),
+    model: str = _model_option("random:vit-b-32", _random_archs()),
+    revision: str = _revision_option(),
     device: str = _device_option(),
     precision: str = _precision_option(),
     batch: str = _batch_option(),
@@ -570,7 +587,9 @@ def bench(
 
     def build():
         return BenchConfig(
-            model=ModelConfig(model=model, device=device, precision=precision, batch=batch),
+            model=ModelConfig(
+                model=model, device=device, precision=precision, batch=batch, revision=revision
+            ),
             images=images,
             synthetic=synthetic,
             resolution=resolution,
@@ -584,6 +603,7 @@ def bench(
         )
 
     cfg = _guard(build)
+    _guard(lambda: hub.check(model, revision))  # a misspelled --model: before torch
     from rich.console import Console
 
     from .tools.bench import render, run_bench
@@ -604,7 +624,8 @@ def _console():
 
 @app.command()
 def vram(
-    model: str = _model_option(extra=", or random:vit-b-32 / random:vit-l-14"),
+    model: str = _model_option(extra=_random_archs()),
+    revision: str = _revision_option(),
     precision: str = typer.Option(
         "all", metavar="PRECISIONS", help="all, or a comma list of fp32,fp16,bf16,int8,nf4."
     ),
@@ -654,9 +675,11 @@ def vram(
             budget=budget,
             device=device,
             measure=measure,
+            revision=revision,
         )
 
     cfg = _guard(build)
+    _guard(lambda: hub.check(model, revision))  # a misspelled --model: before torch
     from .tools.vram import estimate, render
 
     report = _guard(lambda: estimate(cfg))
@@ -723,6 +746,7 @@ def search(
         metavar="HUB_ID|DIR",
         help="Model for the query (default: the one named in the file, which made them).",
     ),
+    revision: str = _revision_option(),
     device: str = _device_option(),
 ) -> None:
     """Rank the images of a tag output by similarity to a text or to an image.
@@ -737,7 +761,9 @@ def search(
     from .look.search import search as run_search
 
     hits, notes = _guard(
-        lambda: run_search(source, text=query, image=image, k=k, model=model, device=device)
+        lambda: run_search(
+            source, text=query, image=image, k=k, model=model, device=device, revision=revision
+        )
     )
     for note in notes:
         _say(f"omni: {note}")

@@ -96,11 +96,14 @@ class ModelConfig:
     precision: str = "auto"
     batch: int | None = None  # views per encoder forward; None = auto
     max_gpu_memory: int | None = None  # bytes on the GPU; the rest of the model goes to the CPU
+    revision: str | None = None  # a hub model's branch, tag or commit; None: its default branch
 
     def __post_init__(self) -> None:
         parse_device(self.device)
         parse_precision(self.precision)
         parse_batch(self.batch)
+        if self.revision is not None and not self.revision.strip():
+            raise UsageError("--revision must be a hub branch, tag or commit, not empty")
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,7 @@ class VramConfig:
     budget: int | None = None  # bytes; None = free GPU memory, or available RAM on the CPU
     device: str = "auto"
     measure: bool = False
+    revision: str | None = None  # as ModelConfig.revision
 
     def __post_init__(self) -> None:
         bad = [p for p in self.precisions if p not in ALL_PRECISIONS]

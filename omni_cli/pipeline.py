@@ -27,7 +27,7 @@ from .config import TagConfig
 from .errors import Interrupted, Terminated
 from .inputs.sources import FileEntry, Unlisted, check_inputs, discover
 from .model import hub
-from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
+from .model.labels import NEUTRAL_LEVELS, Label, long_labels, prompts_for, read_labels
 from .output import verify
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
@@ -274,6 +274,7 @@ def prepare(cfg: TagConfig) -> tuple[list[Label], list[tuple[str, ...]]]:
     """Check the labels, inputs and output before any work; returns (labels, prompts)."""
     labels = read_labels(cfg.labels_file)
     prompts = prompts_for(labels, cfg.template)
+    hub.check(cfg.model.model, cfg.model.revision)
     check_inputs(cfg.inputs)
     check_writable(cfg.output)
     return labels, prompts
@@ -284,7 +285,8 @@ def request(cfg: TagConfig, labels: list[Label], prompts) -> dict:
     unchanged files give the same output, so a rerun can stop before loading anything."""
     return {
         "model": hub.canonical(cfg.model.model),
-        "revision": hub.revision(cfg.model.model),
+        "revision": hub.identity(cfg.model.model, cfg.model.revision),  # weights, not commit
+        "model_revision": cfg.model.revision,  # --revision: the hub revision pinned
         "precision": cfg.model.precision,
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
@@ -340,6 +342,10 @@ def plan_run(
     plan = plan_work(cfg, listing.entries, out_schema, held=listing.held, force=listing.force)
     if plan.message:
         emit(Progress("note", message=plan.message))
+    cut = long_labels(names, prompts, encoder.too_long)
+    if cut:
+        emit(Progress("note", message=f"prompts longer than the model's {encoder.text_length} "
+                      f"tokens were cut to fit, for labels: {', '.join(cut)}"))  # fmt: skip
     tagger = Tagger(
         encoder, classifier, names, out_schema, top_k=cfg.top_k, threshold=cfg.threshold
     )

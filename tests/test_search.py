@@ -138,7 +138,7 @@ def test_unreadable_query_image_and_missing_output_exit_2(archive, tmp_path):
 
 def test_a_model_that_is_gone_is_fatal(archive, tmp_path):
     result = omni("search", archive["emb"], "red", "--model", tmp_path / "gone")
-    assert result.exit_code == 1 and "model not found" in result.output
+    assert result.exit_code == 2 and "model not found" in result.output  # a typo: usage
 
 
 def _output_with_views(path: Path, rows: list[tuple[str, list[list[float]] | None]]) -> Path:

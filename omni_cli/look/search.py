@@ -24,7 +24,9 @@ from ..config import ModelConfig
 
 if TYPE_CHECKING:  # torch is imported once a search runs, not to check its options
     import torch
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
+from ..model.hub import check
+from ..model.identity import is_identity
 from .report import open_output
 
 
@@ -134,24 +136,34 @@ def rank(index: Index, query: torch.Tensor, k: int) -> list[Hit]:
     return hits
 
 
-def query_model(meta: dict, model: str | None, device: str) -> ModelConfig:
-    """The model that made the embeddings, at the stored precision (fp32 on the CPU)."""
+def query_model(meta: dict, model: str | None, device: str,
+                revision: str | None = None) -> ModelConfig:  # fmt: skip
+    """The model that made the embeddings (at its pinned revision), at the stored precision
+    (fp32 on the CPU)."""
     from ..model.precision import resolve_device
 
+    if model is None and revision is None:
+        revision = (meta.get("request") or {}).get("model_revision")
     name = model or meta.get("model")
     if not name:
         raise UsageError("the file's metadata names no model; give one with --model")
+    if model is None:  # the model that made the file is gone: not a usage mistake (exit 1)
+        try:
+            check(name, revision)
+        except UsageError as exc:
+            raise ModelError(f"{exc} (the model the file names); give one with --model") from None
     stored = meta.get("precision")
     where = resolve_device(device)
     if where.type == "cpu":
         precision = "fp32"  # one query: fp32 is cheap and needs no bf16 support
     else:
         precision = stored if stored in ("fp32", "fp16", "bf16") else "auto"
-    return ModelConfig(model=name, device=device, precision=precision, batch=1)
+    return ModelConfig(model=name, device=device, precision=precision, batch=1, revision=revision)
 
 
 def encode_query(meta: dict, *, text: str | None, image: Path | None, model: str | None = None,
-                 device: str = "auto") -> tuple[torch.Tensor, list[str]]:  # fmt: skip
+                 device: str = "auto",
+                 revision: str | None = None) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
     """Encode a text or one image's global view; returns (dim,) float32 on the CPU and notes."""
     from ..errors import DecodeError
     from ..inputs.decode import load
@@ -161,13 +173,14 @@ def encode_query(meta: dict, *, text: str | None, image: Path | None, model: str
         raise UsageError("give a text query or --image, not both and not neither")
     if image is not None and not Path(image).is_file():
         raise UsageError(f"--image: no such file: {image}")
-    enc = load_encoder(query_model(meta, model, device), exact=meta.get("preprocess") == "exact")
+    cfg = query_model(meta, model, device, revision)
+    enc = load_encoder(cfg, exact=meta.get("preprocess") == "exact")
     notes = []
-    stored = meta.get("revision")
-    if stored and stored not in ("unknown", "random") and enc.revision != stored:
+    stored = meta.get("revision")  # the weights' identity (older outputs: a hub commit)
+    if is_identity(stored) and enc.revision != stored:
         notes.append(
-            f"model {enc.model_id} is at revision {enc.revision}, the embeddings were made at "
-            f"{stored}: scores may be off"
+            f"model {enc.model_id} is {enc.revision}, the embeddings were made by {stored} "
+            "(other weights or preprocessing): scores may be off"
         )
     if text is not None:
         return enc.encode_texts([text])[0].cpu(), notes
@@ -189,6 +202,7 @@ def search(
     k: int = 20,
     model: str | None = None,
     device: str = "auto",
+    revision: str | None = None,
 ) -> tuple[list[Hit], list[str]]:
     """Load the index, encode the query, rank: the library form of `omni search`."""
     if k < 1:
@@ -199,5 +213,6 @@ def search(
         raise UsageError("the query is empty")
     ModelConfig(device=device)  # a bad --device fails before any work
     index = load_index(source)
-    query, notes = encode_query(index.meta, text=text, image=image, model=model, device=device)
+    query, notes = encode_query(index.meta, text=text, image=image, model=model, device=device,
+                                revision=revision)  # fmt: skip
     return rank(index, query, k), notes

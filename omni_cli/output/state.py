@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from ..config import TagConfig
 from ..errors import InputUnreadable, OutputError, UsageError
 from ..inputs.sources import FileEntry, Unlisted, printable
+from ..model import hub, identity
 from .sink import META_KEY, partial_dir, read_parts
 from .sink import schema as output_schema
 
@@ -212,7 +213,7 @@ def _previous(
             f"{output} exists but is not an omni output; nothing was touched "
             "(use another --output, or --full to replace it)"
         )
-    have = fingerprint(previous)
+    have = identity.reconcile(fingerprint(previous), want, hub.snapshot)  # weights changed?
     changed = differences(have, want, ENCODING)
     if changed:
         raise UsageError(
@@ -270,7 +271,7 @@ def _resume(partial: Path, want: dict, plan: Plan, cfg: TagConfig) -> set[str] |
         return set()
     keys: set[str] = set()
     try:
-        have = fingerprint(pq.read_schema(parts[0]))
+        have = identity.reconcile(fingerprint(pq.read_schema(parts[0])), want, hub.snapshot)
         changed = differences(have, want, FINGERPRINT)
         if changed and cfg.full:
             return None

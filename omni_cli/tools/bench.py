@@ -368,7 +368,7 @@ def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
 
     from .synthetic import LABELS
 
-    model, processor, tokenizer = _naive_model(cfg.model.model, device)
+    model, processor, tokenizer = _naive_model(cfg.model.model, device, cfg.model.revision)
     siglip = model.config.model_type.startswith("siglip")
     texts = [f"a photo of a {label}." for label in LABELS]
     paths = [e.path for e in entries[: cfg.baseline_images]]
@@ -391,7 +391,7 @@ def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
     return StageResult("baseline", "naive loop", len(paths), seconds, mem.peak, "fp32", NAIVE_BATCH)
 
 
-def _naive_model(model_id: str, device: torch.device):
+def _naive_model(model_id: str, device: torch.device, revision: str | None = None):
     """(model fp32, image processor, tokenizer) the way the guide loads them, for any
     CLIP-style model (`AutoModel`: CLIP, SigLIP, ...).
 
@@ -402,13 +402,13 @@ def _naive_model(model_id: str, device: torch.device):
 
     from ..model import archs
     from ..model.hub import resolve
-    from ..model.loading import quiet
+    from ..model.loading import pretrained_kwargs, quiet
 
     if archs.is_random(model_id):  # no files exist for these: the family's hub defaults
         model = archs.build(model_id, torch.float32, device).eval()
         return model, archs.processor(model_id), archs.tokenizer(model_id)
-    source = resolve(model_id)
-    common = {"trust_remote_code": False, "local_files_only": source.local_only}
+    source = resolve(model_id, revision)
+    common = pretrained_kwargs(source)
     with quiet():
         model = AutoModel.from_pretrained(
             source.name, dtype=torch.float32, use_safetensors=True, **common
