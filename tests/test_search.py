@@ -283,3 +283,39 @@ def test_relative_roots_resolve_against_the_folder_tag_ran_in(tmp_path, monkeypa
     assert result.exit_code == 0
     assert "input folder 'photos' (a relative path) was not found under" in result.stderr
     assert f"{tmp_path} (the folder `omni tag` ran in)" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile file names: shown, never obeyed by the terminal.
+
+TITLE = "\x1b]0;pwn\x07"  # sets the terminal's title
+RAW = ("\x1b", "\x07", "\x9b")
+
+
+def test_terminal_escapes_in_names_are_printed_as_escapes(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shape_image("red circle", seed=5).save(folder / f"{TITLE}.jpg")
+    shape_image("green square", seed=6).save(folder / "plain.png")
+    (folder / "\x1b[2Jbad\x9b.jpg").write_bytes(b"\xff\xd8\xff cut short")
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    out = tmp_path / "t.parquet"
+    args = [folder, "--labels", tmp_path / "labels.txt", "-o", out, "--model", MODEL]
+    tagged = omni_tag(*args, "--workers", 0, "--save-embeddings")
+    assert tagged.exit_code == 3, tagged.output
+    assert not any(c in tagged.output for c in RAW), repr(tagged.output)
+    assert "error: " in tagged.output and "\\x1b[2Jbad\\x9b.jpg" in tagged.output
+
+    table = omni("search", out, "red circle", "-k", 1)
+    assert table.exit_code == 0 and not any(c in table.output for c in RAW), repr(table.output)
+    assert table.stdout.splitlines()[1].endswith("/\\x1b]0;pwn\\x07.jpg")
+    as_json = omni("search", out, "red circle", "-k", 1, "--json")
+    assert not any(c in as_json.output for c in RAW)
+    assert json.loads(as_json.stdout)[0]["path"] == f"{TITLE}.jpg"  # the name itself, in JSON
+
+    page = tmp_path / "r.html"
+    report = omni("report", out, "-o", page)
+    assert report.exit_code == 0 and not any(c in report.output for c in RAW)
+    html = page.read_text()
+    assert not any(c in html for c in RAW)
+    assert "\\x1b]0;pwn\\x07.jpg" in html and "\\x1b[2Jbad\\x9b.jpg" in html
