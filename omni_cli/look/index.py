@@ -40,7 +40,10 @@ VERSION = 1
 MANIFEST = "index.json"
 HEADER = 128  # bytes of the .npy header: written last, once the shape is known
 BUILD_ROWS = 4_096  # rows decoded at a time while building
-CHUNK_VIEWS = 65_536  # views scored at a time: 64 MiB of float16 at dim 512
+# Bytes of the matrix scored at a time (262,144 views at dim 512): memory stays bounded, and
+# fewer, larger products are faster on a busy CPU (measured here: 1M x 512 in 0.8 s in chunks
+# of 64 MiB, 0.3 s in chunks of 256 MiB, with 2 threads on 2 contended cores).
+CHUNK_BYTES = 256 * 2**20
 KEYS = pa.schema(
     [("root", pa.string()), ("path", pa.string()), ("start", pa.int64()), ("count", pa.int32())]
 )
@@ -113,7 +116,8 @@ def open_index(output: Output, progress: Progress | None = None) -> Index:
         if progress:
             progress(i, len(output.files))
         try:
-            info = file.stat()
+            handle = open(file, "rb")  # noqa: SIM115 - closed below; stat what is read
+            info = os.fstat(handle.fileno())
         except OSError as exc:
             raise UsageError(f"cannot read {file}: {exc.strerror or exc}") from None
         entry = {
@@ -123,11 +127,12 @@ def open_index(output: Output, progress: Progress | None = None) -> Index:
             "inode": info.st_ino,
         }
         entry["id"] = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:20]
-        segment = _load(folder, entry["id"]) if entry["id"] in old else None
-        if segment is None:
-            _build(file, folder, entry["id"], output.path)
-            segment = _load(folder, entry["id"])
-            rebuilt += 1
+        with handle:
+            segment = _load(folder, entry["id"]) if entry["id"] in old else None
+            if segment is None:
+                _build(handle, folder, entry["id"], output.path)
+                segment = _load(folder, entry["id"])
+                rebuilt += 1
             if segment is None:
                 raise OutputError(f"the search index in {folder} could not be read back")
         entries.append(entry)
@@ -213,7 +218,7 @@ def _atomic(path: Path, write: Callable) -> None:
 # One segment: built from a Parquet file by streaming, opened as a memory map.
 
 
-def _build(file: Path, folder: Path, sid: str, source: Path) -> None:
+def _build(file, folder: Path, sid: str, source: Path) -> None:
     """Decode `file`'s embeddings batch by batch into seg-ID.npy and its keys into seg-ID.arrow."""
     parquet = pq.ParquetFile(file, pre_buffer=False)
     columns = ["root", "path", "views", "embedding"]
@@ -300,13 +305,20 @@ def _load(folder: Path, sid: str) -> Segment | None:
             matrix = np.frombuffer(mapped, np.float16, shape[0] * shape[1], HEADER)
             matrix = matrix.reshape(shape)
         keys = pa.ipc.open_file(pa.memory_map(str(folder / f"seg-{sid}.arrow"))).read_all()
-        starts = keys["start"].to_numpy()
-        counts = keys["count"].to_numpy()
+        starts, counts = _numpy(keys["start"], np.int64), _numpy(keys["count"], np.int32)
         if int(counts.sum()) != shape[0]:
             return None
     except (OSError, ValueError, pa.ArrowException):
         return None
-    return Segment(sid, matrix, keys, starts.astype(np.int64), counts, mapped)
+    return Segment(sid, matrix, keys, starts, counts, mapped)
+
+
+def _numpy(column: pa.ChunkedArray, dtype) -> np.ndarray:
+    """A chunked integer column without nulls as one array, read from its buffers (to_numpy
+    imports pandas: 0.3 s of a search that takes 0.5)."""
+    size = np.dtype(dtype).itemsize
+    parts = [np.frombuffer(c.buffers()[1], dtype, len(c), c.offset * size) for c in column.chunks]
+    return np.concatenate([np.empty(0, dtype), *parts])
 
 
 def scores(segment: Segment, query: np.ndarray) -> np.ndarray:
@@ -321,8 +333,9 @@ def scores(segment: Segment, query: np.ndarray) -> np.ndarray:
     out = np.empty(len(segment.matrix), np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the map is read-only: it is only read
-        for start in range(0, len(out), CHUNK_VIEWS):
-            stop = min(start + CHUNK_VIEWS, len(out))
+        chunk = max(1, CHUNK_BYTES // (2 * max(1, segment.matrix.shape[1])))
+        for start in range(0, len(out), chunk):
+            stop = min(start + chunk, len(out))
             block = torch.from_numpy(segment.matrix[start:stop])  # (chunk, dim), no copy
             out[start:stop] = (block @ q).float().numpy()
             segment.release(start, stop)

@@ -69,7 +69,8 @@ def parquet_files(path: Path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         return [path]
-    return [f for f in sorted(path.glob("*.parquet")) if not f.name.startswith((".", "_"))]
+    real = path.resolve()  # one version of a folder behind a symlink, even if it is swapped now
+    return [f for f in sorted(real.glob("*.parquet")) if not f.name.startswith((".", "_"))]
 
 
 def read_meta(path: Path) -> dict | None:
