@@ -14,6 +14,7 @@ file was not found.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -59,9 +60,6 @@ class Output:
                     yield from parquet.iter_batches(rows, row_groups=[group], columns=columns)
             finally:
                 parquet.close()
-
-    def rows(self) -> int:
-        return sum(self.parquet(f).metadata.num_rows for f in self.files)
 
 
 def parquet_files(path: Path) -> list[Path]:
@@ -130,7 +128,8 @@ class Roots:
         if isinstance(cwd, str) and cwd:
             bases.append((Path(cwd), "the folder `omni tag` ran in"))
         bases.append((Path(os.path.abspath(output.path)).parent, "the output's folder"))
-        bases.append((Path.cwd(), "the current folder"))
+        with contextlib.suppress(OSError):  # a current folder deleted under us
+            bases.append((Path.cwd(), "the current folder"))
         return cls(bases)
 
     def resolve(self, root: str) -> Path:
@@ -138,7 +137,7 @@ class Roots:
         if root in self.found:
             return self.found[root]
         if root in self.lost:
-            return self.bases[0][0] / root
+            return self.lost[root][0]
         given = Path(root)
         if given.is_absolute():
             where = [given]
@@ -157,12 +156,13 @@ class Roots:
     def missing_notes(self) -> list[str]:
         """One line per root that was not found, saying where it was looked for."""
         notes = []
-        for root, where in self.lost.items():
+        for root in self.lost:
             if Path(root).is_absolute():
                 notes.append(f"input folder {root} does not exist (moved, or not mounted?)")
             else:
-                tried = ", ".join(
-                    f"{base} ({what})" for base, what in self.bases if base / root in where
-                )
+                named = {}  # folder -> what it is, each folder once
+                for base, what in self.bases:
+                    named.setdefault(base, what)
+                tried = ", ".join(f"{base} ({what})" for base, what in named.items())
                 notes.append(f"input folder {root!r} (a relative path) was not found under {tried}")
         return notes
