@@ -9,6 +9,7 @@ time, peak memory (RSS) and the page's size.
 
     python benchmarks/report_scale.py                          # 100,000 and 1,000,000 rows
     python benchmarks/report_scale.py --rows 100000 --shape file
+    python benchmarks/report_scale.py --rows 100000 --shape file --labels 1000
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ THRESHOLD = 0.5
 PART_ROWS = 100_000  # rows per part file of the folder shape
 
 
-def synthesise(folder: Path, rows: int, shapes: list[str], seed: int = 0) -> tuple[list[Path], set]:
+def synthesise(folder: Path, rows: int, shapes: list[str], labels: list[str], seed: int = 0
+               ) -> tuple[list[Path], set]:  # fmt: skip
     """Write the outputs; return them and the rows whose files the page will show."""
     rng = np.random.default_rng(seed)
-    n_labels = len(LABELS)
+    n_labels = len(labels)
     probs = rng.dirichlet(np.full(n_labels, 0.3), size=rows).astype(np.float32)
     scores = (1 / (1 + np.exp(-rng.normal(-2.5, 2.0, size=(rows, n_labels))))).astype(np.float32)
     error = rng.random(rows) < 0.01
@@ -55,9 +57,11 @@ def synthesise(folder: Path, rows: int, shapes: list[str], seed: int = 0) -> tup
     order = np.argsort(-scores, axis=1)[:, :5]
     passes = np.take_along_axis(scores, order, axis=1) >= THRESHOLD
     untagged = ~passes.any(axis=1) & ~error
-    # The rows the page shows: the best PER_LABEL per label, and the least sure untagged ones.
+    # The rows the page shows: the best per label (fewer with many labels, as report.py shows),
+    # and the least sure untagged ones.
+    per_label = min(PER_LABEL, max(4, 2_400 // n_labels))
     ranked = np.where(np.isnan(scores), -np.inf, scores)
-    shown = set(np.argsort(-ranked, axis=0, kind="stable")[:PER_LABEL].ravel().tolist())
+    shown = set(np.argsort(-ranked, axis=0, kind="stable")[:per_label].ravel().tolist())
     best = np.where(untagged, np.nan_to_num(ranked.max(axis=1), neginf=1.0), np.inf)
     shown |= set(np.argsort(best, kind="stable")[:PER_LABEL].tolist())
 
@@ -68,8 +72,8 @@ def synthesise(folder: Path, rows: int, shapes: list[str], seed: int = 0) -> tup
             flat = pa.array(m[a:b].reshape(-1), pa.float32(), from_pandas=True)  # NaN -> null
             return pa.FixedSizeListArray.from_arrays(flat, n_labels, mask=pa.array(err))
 
-        labels = np.array(LABELS, dtype=object)
-        top = [[] if err[i] else list(labels[order[a + i][passes[a + i]]]) for i in range(n)]
+        names = np.array(labels, dtype=object)
+        top = [[] if err[i] else list(names[order[a + i][passes[a + i]]]) for i in range(n)]
         return pa.table(
             {
                 "root": pa.array([str(folder)] * n),
@@ -95,7 +99,7 @@ def synthesise(folder: Path, rows: int, shapes: list[str], seed: int = 0) -> tup
         )
 
     meta = {
-        "labels": LABELS,
+        "labels": labels,
         "model": "openai/clip-vit-large-patch14",
         "precision": "bf16",
         "tiles": "off",
@@ -129,7 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="100000,1000000", help="comma list of sizes")
     parser.add_argument("--shape", choices=["file", "folder", "both"], default="both")
+    parser.add_argument("--labels", type=int, help="N made-up labels instead of the 18 photo ones")
     args = parser.parse_args()
+    labels = LABELS if args.labels is None else [f"label {i}" for i in range(args.labels)]
     shapes = ["file", "folder"] if args.shape == "both" else [args.shape]
     print(f"machine: {describe()}")
     print("| rows | shape | wall | peak RSS | page |")
@@ -137,7 +143,7 @@ def main() -> None:
     for rows in [int(r) for r in args.rows.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            outputs, shown = synthesise(folder, rows, shapes)
+            outputs, shown = synthesise(folder, rows, shapes, labels)
             rng = np.random.default_rng(1)
             for i in sorted(shown):
                 path = folder / f"{i // 1000:04d}/{i:07d}.jpg"
