@@ -262,6 +262,17 @@ def test_a_damaged_segment_is_built_again(archive, tmp_path):
     assert found(result) == before and "indexed 1 of 1 file" in result.stderr
 
 
+def test_an_index_that_cannot_sit_beside_the_output_goes_to_the_cache(archive, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setattr(index_module, "index_folder", lambda output: blocked / "t.index")
+    monkeypatch.setenv("OMNI_CACHE_DIR", str(tmp_path / "cache"))
+    index = load_index(archive["emb"])
+    assert index.folder.parent == tmp_path / "cache" / "index" and index.rebuilt == 1
+    assert load_index(archive["emb"]).rebuilt == 0
+
+
 def test_relative_roots_resolve_against_the_folder_tag_ran_in(tmp_path, monkeypatch):
     (tmp_path / "photos").mkdir()
     for i, label in enumerate(LABELS[:3]):
@@ -305,6 +316,11 @@ def test_terminal_escapes_in_names_are_printed_as_escapes(tmp_path):
     assert tagged.exit_code == 3, tagged.output
     assert not any(c in tagged.output for c in RAW), repr(tagged.output)
     assert "error: " in tagged.output and "\\x1b[2Jbad\\x9b.jpg" in tagged.output
+
+    logged = omni_tag(*args, "--workers", 0, "--save-embeddings", "--log-json")
+    assert logged.exit_code == 3 and not any(c in logged.output for c in RAW)
+    summary = json.loads(logged.stdout.splitlines()[-1])
+    assert [e["path"] for e in summary["error_files"]] == ["\x1b[2Jbad\x9b.jpg"]  # exact, in JSON
 
     table = omni("search", out, "red circle", "-k", 1)
     assert table.exit_code == 0 and not any(c in table.output for c in RAW), repr(table.output)

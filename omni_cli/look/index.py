@@ -19,10 +19,12 @@ killed or concurrent search costs time, never a wrong answer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,10 +199,15 @@ def _write_manifest(folder: Path, entries: list[dict]) -> None:
 
 
 def _forget(folder: Path, keep: set[str]) -> None:
-    """Delete segments no file of the output uses any more (and temporaries left by a kill)."""
+    """Delete segments no file of the output uses any more, and temporaries left by a killed
+    search (an hour old: a younger one may be another search's, still being written)."""
     for path in folder.glob("seg-*"):
-        if path.name.split(".")[0].removeprefix("seg-") not in keep or ".tmp" in path.name:
-            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if ".tmp" in path.name:
+                if time.time() - path.stat().st_mtime > 3600:
+                    path.unlink()
+            elif path.name.split(".")[0].removeprefix("seg-") not in keep:
+                path.unlink()
 
 
 def _atomic(path: Path, write: Callable) -> None:
