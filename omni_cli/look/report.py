@@ -251,7 +251,7 @@ def _scan(
     stats.best, stats.no_tag = _Best(k, n_shown), _Best(k, 1)
     label_set = pa.array(all_labels, pa.string())
     base = 0
-    rows = max(64, min(BATCH_ROWS, BATCH_CELLS // max(1, n_all)))
+    rows = max(1, min(BATCH_ROWS, BATCH_CELLS // max(1, n_all)))
     for batch in output.batches(columns, rows):
         n = batch.num_rows
         status = batch["status"]
