@@ -1,6 +1,6 @@
 """Search index: an output's stored embeddings as memory-mapped float16 matrices, kept beside it.
 
-Decoding the `embedding` column of a big output is slow (1M x 512: ~18 s here), so `omni search`
+Decoding the `embedding` column of a big output is slow (1M x 512: ~20 s here), so `omni search`
 does it once. The index lives in a folder beside the output (`tags.parquet.index/` for
 `tags.parquet`, `tags.index/` for a folder output `tags`; in the cache folder where that cannot
 be written) and holds one segment per Parquet file of the output:
