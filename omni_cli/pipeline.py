@@ -12,6 +12,7 @@ interrupted run, rows of the previous output whose files are unchanged) and tags
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .output import verify
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
 from .output.state import Plan, check_shrink, entry_key, held_rows, plan_work, unchanged
+from .text import utf8_or_none
 
 if TYPE_CHECKING:
     from .inputs.decode import Preprocess
@@ -410,4 +412,5 @@ def run_metadata(
         "request": request(cfg, labels, prompts),
         "omni_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cwd": utf8_or_none(os.getcwd()),  # what relative roots are relative to (look.reader)
     }
