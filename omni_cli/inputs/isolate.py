@@ -22,6 +22,7 @@ held alone, and keeps the error rows of those that kill their process again.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import multiprocessing as mp
 import signal
 from collections.abc import Callable
@@ -138,10 +139,16 @@ class HelperDied(Exception):
 
 
 class Helper:
-    """A forked process that runs `fn(batch)` for the main process, one batch at a time."""
+    """A forked process that runs `fn(batch)` for the main process, one batch at a time.
 
-    def __init__(self, fn: Callable[[Any], Any], timeout: float | None):
+    `shared` is an anonymous shared mapping of `shared_bytes`, the same pages in both
+    processes: `fn` may put bulky results there (the pipe then carries only their place), since
+    the main process reads them before it sends the next batch.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], timeout: float | None, shared_bytes: int = 0):
         self.fn, self.timeout = fn, timeout
+        self.shared = mmap.mmap(-1, shared_bytes) if shared_bytes else None
         self.process = None
         self.conn = None
 

@@ -40,6 +40,7 @@ from .sources import FileEntry
 PREFETCH = 2  # batches each worker prepares ahead
 IN_FLIGHT_BYTES = 1 << 30  # decoded views held by all workers' prefetched batches, at most
 MAX_FILES_PER_BATCH = 16
+SHARED_BYTES = 64 << 20  # the helper's shared mapping for a batch's views (more: pickled)
 
 
 @dataclass
@@ -308,7 +309,12 @@ class CrashSafeLoader:
     def _lockstep(self, chunks: list[list[int]]):
         """Each batch decoded by the helper process while this one waits for it."""
         busy = self.dataset.busy = isolate.Busy(1)
-        helper = isolate.Helper(self.dataset.__getitems__, self.dataset.timeout)
+        dataset = self.dataset
+
+        def decode_batch(chunk: list[int]) -> list:  # runs in the helper
+            return _to_shared(dataset.__getitems__(chunk), helper.shared)
+
+        helper = isolate.Helper(decode_batch, dataset.timeout, SHARED_BYTES)
         queue = collections.deque(chunks)
         try:
             while queue:
@@ -324,7 +330,7 @@ class CrashSafeLoader:
                     if len(chunk) > 1:
                         queue.appendleft(chunk[:done] + chunk[done + 1 :])
                     continue
-                yield self._pinned(collate(results))
+                yield self._pinned(collate(_from_shared(results, helper.shared)))
         finally:
             helper.close()
 
@@ -348,6 +354,38 @@ class CrashSafeLoader:
 
     def _pinned(self, batch: Batch) -> Batch:
         return batch.pin_memory() if self.pin else batch
+
+
+@dataclass
+class _Shared:
+    """Decoded views left in the helper's shared mapping: where, and the file's size."""
+
+    offset: int
+    shape: tuple[int, ...]
+    width: int
+    height: int
+
+
+def _to_shared(results: list, shared) -> list:
+    """In the helper: move decoded views into `shared` (those that fit), to spare the pipe."""
+    offset = 0
+    for k, (entry, result) in enumerate(results):
+        if isinstance(result, decode.Decoded) and offset + result.pixels.nbytes <= len(shared):
+            size = result.pixels.nbytes
+            np.frombuffer(shared, np.uint8, size, offset)[:] = result.pixels.reshape(-1)
+            results[k] = (entry, _Shared(offset, result.pixels.shape, result.width, result.height))
+            offset += size
+    return results
+
+
+def _from_shared(results: list, shared) -> list:
+    """In the main process: views on `shared` again (collate copies them out)."""
+    for k, (entry, result) in enumerate(results):
+        if isinstance(result, _Shared):
+            size = int(np.prod(result.shape))
+            pixels = np.frombuffer(shared, np.uint8, size, result.offset).reshape(result.shape)
+            results[k] = (entry, decode.Decoded(pixels, result.width, result.height))
+    return results
 
 
 class _Recorded:
