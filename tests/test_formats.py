@@ -346,3 +346,19 @@ def test_without_rawpy_raw_files_name_the_extra(tmp_path, labels_file, monkeypat
     assert rows["a.dng"]["error"] == "camera RAW needs: pip install 'omni-cli[raw]'"
     assert rows["b.cr3"]["error"] == "camera RAW needs: pip install 'omni-cli[raw]'"
     assert rows["c.jpg"]["status"] == "ok"
+
+
+def test_search_image_query_reads_heic_and_refuses_postscript(tmp_path):
+    from omni_cli.errors import UsageError
+    from omni_cli.look.search import encode_query
+
+    meta = {"model": str(MODEL), "precision": "fp32", "preprocess": "draft"}
+    img = shape_image(LABELS[2], seed=11)
+    (tmp_path / "q.heic").write_bytes(heic(img))
+    img.save(tmp_path / "q.png")
+    a, _ = encode_query(meta, text=None, image=tmp_path / "q.heic", device="cpu")
+    b, _ = encode_query(meta, text=None, image=tmp_path / "q.png", device="cpu")
+    assert float(a @ b / (a.norm() * b.norm())) > 0.99
+    (tmp_path / "q.jpg").write_bytes(EPS)
+    with pytest.raises(UsageError, match="unsupported format"):
+        encode_query(meta, text=None, image=tmp_path / "q.jpg", device="cpu")

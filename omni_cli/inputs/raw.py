@@ -8,8 +8,9 @@ scale of the full image reaches what `decode.needed_scale` asks and it shows the
 the optional extra `omni-cli[raw]`: without it a RAW file is an error row that says so.
 
 Orientation: LibRaw's `flip` (from the RAW's own metadata) rotates the demosaiced image; the
-preview is rotated by its own EXIF orientation if it has one, else by `flip` if it is stored
-unrotated (its aspect matches the sensor's), else taken as it is.
+preview is rotated by its own EXIF orientation (LibRaw writes `flip` into the JPEG preview's
+EXIF when it has none), else, for a bitmap preview, by `flip` if it is stored unrotated (its
+aspect matches the sensor's), else taken as it is.
 """
 
 from __future__ import annotations
