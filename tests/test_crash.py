@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
 from omni_cli.errors import UsageError
@@ -152,3 +153,30 @@ def test_decode_timeout_is_checked(tmp_path, labels_file):
     result = omni_tag(tmp_path, "--labels", labels_file, "--decode-timeout", "0")
     assert result.exit_code == 2
     assert "--decode-timeout" in result.output
+
+
+def test_a_file_the_device_rejects_is_decoded_outside_the_main_process(tmp_path, hostile_decoder):
+    """The feeder's CPU fallback (a JPEG nvJPEG refused) runs in a process of its own."""
+    from omni_cli.inputs.feed import Feeder
+    from omni_cli.inputs.loader import Split
+
+    from .test_feed import FakeDecoder
+
+    folder = tmp_path / "f"
+    make_folder(folder, 5)
+    synthetic.draw(LABELS[0], (200, 160), rng=np.random.default_rng(1)).save(
+        folder / "crash_refused.jpg", quality=85, comment=b"REFUSE-ME"
+    )
+    entries = list(discover([folder]))
+    split = Split(0.0)  # every batch to the device
+    loader = make_loader(entries, decode.Preprocess(), files=3, workers=0, split=split)
+    feeder = Feeder(loader, decode.Preprocess(), torch.device("cpu"), 8,
+                    decoder=FakeDecoder(refuse=b"REFUSE-ME"), split=split)  # fmt: skip
+    items = {it.entry.rel: it for fed in feeder for it in fed.items}
+    assert feeder.fallbacks == 1 and len(items) == 6
+    assert items["crash_refused.jpg"].error == "crashed the decoder (signal 11, SIGSEGV)"
+    assert all(
+        it.error is None and it.views == 1
+        for rel, it in items.items()
+        if rel != "crash_refused.jpg"
+    )
