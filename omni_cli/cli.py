@@ -282,6 +282,13 @@ def tag(
         metavar="N",
         help="Refuse larger images (decompression bombs).",
     ),
+    decode_timeout: float = typer.Option(
+        DecodeConfig.decode_timeout,
+        min=0.1,
+        metavar="SECONDS",
+        help="A file whose decode takes longer is an error row (decoder timed out); "
+        "only with --workers >= 1.",
+    ),
     save_embeddings: bool = typer.Option(
         False,
         help="Store every view's embedding (float16): for omni search, and to rescore "
@@ -363,6 +370,7 @@ def tag(
                 tiles=tiles,
                 tile_overlap=tile_overlap,
                 max_pixels=max_pixels,
+                decode_timeout=decode_timeout,
             ),
             workers=workers,
             template=template,
@@ -587,6 +595,9 @@ def bench(
         help="Decode modes to time: all (cpu, gpu and hybrid on a GPU with nvJPEG), or one.",
     ),
     repeat: int = typer.Option(1, min=1, metavar="N", help="Rounds; each stage keeps its best."),
+    stages: str = typer.Option(
+        "decode,encoder,tag", metavar="LIST", help="Stages to time: decode, encoder, tag."
+    ),
     json_file: Path = typer.Option(
         None, "--json", metavar="FILE", help="Also write the report as JSON here."
     ),
@@ -608,6 +619,7 @@ def bench(
             tile_overlap=tile_overlap,
             decode=decode,
             repeat=repeat,
+            stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
         )
 
     cfg = _guard(build)

@@ -115,6 +115,7 @@ class DecodeConfig:
     tiles: str = "off"  # off | auto | RxC
     tile_overlap: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_timeout: float = 60.0  # seconds per file in a decode worker; longer: an error row
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -127,6 +128,8 @@ class DecodeConfig:
         parse_overlap(self.tile_overlap)
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be positive")
+        if not self.decode_timeout > 0:
+            raise UsageError("--decode-timeout must be a positive number of seconds")
 
 
 @dataclass(frozen=True)

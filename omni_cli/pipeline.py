@@ -186,7 +186,9 @@ def make_feeder(
                                            jpeg_decoder)  # fmt: skip
     workers = default_workers(device.type) if cfg.workers is None else cfg.workers
     loader = make_loader(todo, spec, files=files_per_batch(encoder.batch, spec, workers),
-                         workers=workers, pin=device.type == "cuda", split=split)  # fmt: skip
+                         workers=workers, pin=device.type == "cuda", split=split,
+                         timeout=cfg.decode.decode_timeout,
+                         helper=cfg.workers is None)  # fmt: skip
     return Feeder(loader, spec, device, encoder.batch, decoder=decoder, split=split, adapt=adapt)
 
 

@@ -399,17 +399,17 @@ def thumbnail(file: Path | None, side: int) -> str | None:
     """A small JPEG of `file` as a data URI; None if it cannot be read, for whatever reason."""
     from PIL import Image, ImageOps
 
-    from ..inputs.decode import to_rgb
+    from ..inputs.decode import open_to_look, to_rgb
 
     if file is None:
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(file) as img:
+            with open_to_look(file) as img:
                 if img.width * img.height > MAX_THUMB_PIXELS:
                     return None
-                if img.format == "JPEG":
+                if img.format in ("JPEG", "MPO", "HEIF"):
                     img.draft("RGB", (side, side))  # decode at 1/2..1/8 scale: far less work
                 small = to_rgb(ImageOps.exif_transpose(img))
             small.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)

@@ -223,7 +223,8 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
         pool, views = [], 1.0
         for mode in modes if "decode" in cfg.stages or "encoder" in cfg.stages else []:
             note(f"decode only ({mode}): {len(entries)} images, {workers} workers")
-            stage, got, views = _decode_stage(entries, spec, encoder, workers, mode)
+            stage, got, views = _decode_stage(entries, spec, encoder, workers, mode,
+                                              helper=cfg.workers is None)  # fmt: skip
             pool = pool or got
             if "decode" in cfg.stages:
                 found.append(stage)
@@ -269,7 +270,7 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _decode_stage(entries, spec, encoder, workers, mode):
+def _decode_stage(entries, spec, encoder, workers, mode, helper=False):
     """The loader and feeder alone, as `tag` builds them for `mode`; no encoder.
 
     Returns the stage, up to ENCODER_POOL views for the encoder stage, and views per image.
@@ -284,7 +285,7 @@ def _decode_stage(entries, spec, encoder, workers, mode):
     with PeakMemory(device) as mem:
         started = time.perf_counter()
         loader = make_loader(entries, spec, files=files, workers=workers,
-                             pin=device.type == "cuda", split=split)  # fmt: skip
+                             pin=device.type == "cuda", split=split, helper=helper)  # fmt: skip
         feeder = Feeder(loader, spec, device, encoder.batch, decoder=decoder, split=split,
                         adapt=adapt)  # fmt: skip
         for fed in feeder:
@@ -348,7 +349,7 @@ def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device, mo
     decode = DecodeConfig(decoder=_DECODER[mode], exact=cfg.exact, tiles=cfg.tiles,
                           tile_overlap=cfg.tile_overlap)  # fmt: skip
     tag_cfg = TagConfig(inputs=(folder,), labels_file=labels, output=out, model=cfg.model,
-                        decode=decode, workers=workers, resume=False, full=True)  # fmt: skip
+                        decode=decode, workers=cfg.workers, resume=False, full=True)  # fmt: skip
     with PeakMemory(device) as mem:
         result = tag(tag_cfg)
     out.unlink(missing_ok=True)
