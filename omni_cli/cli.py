@@ -42,6 +42,8 @@ from .config import (
     parse_tiles,
 )
 from .errors import OmniError, Terminated, UsageError
+from .model import archs, hub
+from .text import json_printable, plural, printable
 
 
 class _OptionError(typer.BadParameter):
@@ -146,6 +148,21 @@ def _model_option(default: str = DEFAULT_MODEL, extra: str = ""):
     )
 
 
+def _random_archs() -> str:
+    """`, or random:vit-b-32 / ...`: every architecture `random:` builds (model/archs.py)."""
+    return ", or " + " / ".join(archs.PREFIX + name for name in archs.ARCHS)
+
+
+def _revision_option():
+    return typer.Option(
+        None,
+        metavar="REV",
+        help="Pin a hub model to a branch, tag or commit (as transformers' revision). Results "
+        "record the model's weights, so a hub commit that only edits files around them "
+        "changes nothing.",
+    )
+
+
 def _device_option():
     return typer.Option(
         "auto",
@@ -219,6 +236,7 @@ def tag(
         "where a nightly run rewrites only the parts that changed.",
     ),
     model: str = _model_option(),
+    revision: str = _revision_option(),
     device: str = _device_option(),
     precision: str = _precision_option(),
     batch: str = _batch_option(),
@@ -264,6 +282,13 @@ def tag(
         min=1,
         metavar="N",
         help="Refuse larger images (decompression bombs).",
+    ),
+    decode_timeout: float = typer.Option(
+        DecodeConfig.decode_timeout,
+        min=0.1,
+        metavar="SECONDS",
+        help="A file whose decode takes longer is an error row (decoder timed out); "
+        "only with --workers >= 1.",
     ),
     save_embeddings: bool = typer.Option(
         False,
@@ -338,6 +363,7 @@ def tag(
                 precision=precision,
                 batch=batch,
                 max_gpu_memory=max_gpu_memory,
+                revision=revision,
             ),
             decode=DecodeConfig(
                 decoder=decode,
@@ -345,6 +371,7 @@ def tag(
                 tiles=tiles,
                 tile_overlap=tile_overlap,
                 max_pixels=max_pixels,
+                decode_timeout=decode_timeout,
             ),
             workers=workers,
             template=template,
@@ -397,20 +424,20 @@ def _summary(result, quiet: bool, log_json: bool) -> None:
     if quiet:
         return
     if result.unchanged:
-        kept = f" ({len(result.errors):,} error rows kept)" if result.errors else ""
-        typer.echo(
-            f"omni: {result.files:,} files, nothing changed since the last run{kept}: "
+        kept = f" ({plural(len(result.errors), 'error row')} kept)" if result.errors else ""
+        _echo(
+            f"omni: {plural(result.files, 'file')}, nothing changed since the last run{kept}: "
             f"{result.output} left as it was"
         )
     else:
         carried = f", {result.carried:,} carried over" if result.carried else ""
         rate = f"{result.images_per_second:,.1f} images/s" if result.tagged else "nothing to tag"
         if result.retopped:
-            rate += f", {result.retopped:,} carried rows scored again"
-        typer.echo(
-            f"omni: {result.files:,} files, {result.tagged:,} tagged, {result.failed:,} failed"
-            f"{carried}; {rate} ({result.precision}, {result.batch} views per forward)"
-            f" -> {result.output}"
+            rate += f", {plural(result.retopped, 'carried row')} scored again"
+        _echo(
+            f"omni: {plural(result.files, 'file')}, {result.tagged:,} tagged, {result.failed:,} "
+            f"failed{carried}; {rate} ({result.precision}, {plural(result.batch, 'view')} per "
+            f"forward) -> {result.output}"
         )
     for root, folder, reason in result.unlisted[:20]:
         _say(f"  not listed: {Path(root) / folder}: {reason} (its rows are kept)")
@@ -426,7 +453,7 @@ class _Log:
     json = False
 
     def emit(self, event: str, **fields) -> None:
-        typer.echo(json.dumps({"event": event, **fields}, ensure_ascii=False))
+        typer.echo(json_printable(json.dumps({"event": event, **fields}, ensure_ascii=False)))
 
 
 _log = _Log()
@@ -437,7 +464,12 @@ def _say(message: str, event: str = "note", **fields) -> None:
     if _log.json:
         _log.emit(event, message=message.removeprefix("omni: "), **fields)
     else:
-        typer.echo(message, err=True)
+        _echo(message, err=True)
+
+
+def _echo(message: str, err: bool = False) -> None:
+    """Print a line whose file names are shown, not obeyed (see text.printable)."""
+    typer.echo(printable(message), err=err)
 
 
 def _guard(fn):
@@ -496,9 +528,11 @@ class _Reporter:
         if self.task is None:
             self.task = self.progress.add_task("", total=None, errors=0)
         total = event.total if event.stage == "tag" else None
+        from rich.markup import escape
+
         self.progress.update(
             self.task,
-            description=event.message or event.stage,
+            description=escape(printable(event.message or event.stage)),
             completed=event.done,
             total=total,
             errors=event.errors,
@@ -533,9 +567,8 @@ def _raise_terminated(signum, frame):
 
 @app.command()
 def bench(
-    model: str = _model_option(
-        "random:vit-b-32", ", or random:vit-b-32 / random:vit-l-14 / random:siglip-b-16"
-    ),
+    model: str = _model_option("random:vit-b-32", _random_archs()),
+    revision: str = _revision_option(),
     device: str = _device_option(),
     precision: str = _precision_option(),
     batch: str = _batch_option(),
@@ -563,6 +596,9 @@ def bench(
         help="Decode modes to time: all (cpu, gpu and hybrid on a GPU with nvJPEG), or one.",
     ),
     repeat: int = typer.Option(1, min=1, metavar="N", help="Rounds; each stage keeps its best."),
+    stages: str = typer.Option(
+        "decode,encoder,tag", metavar="LIST", help="Stages to time: decode, encoder, tag."
+    ),
     json_file: Path = typer.Option(
         None, "--json", metavar="FILE", help="Also write the report as JSON here."
     ),
@@ -571,7 +607,9 @@ def bench(
 
     def build():
         return BenchConfig(
-            model=ModelConfig(model=model, device=device, precision=precision, batch=batch),
+            model=ModelConfig(
+                model=model, device=device, precision=precision, batch=batch, revision=revision
+            ),
             images=images,
             synthetic=synthetic,
             resolution=resolution,
@@ -582,15 +620,19 @@ def bench(
             tile_overlap=tile_overlap,
             decode=decode,
             repeat=repeat,
+            stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
         )
 
     cfg = _guard(build)
+    _guard(lambda: hub.check(model, revision))  # a misspelled --model: before torch
     from rich.console import Console
 
     from .tools.bench import render, run_bench
 
     err = Console(stderr=True, highlight=False)
-    report = _guard(lambda: run_bench(cfg, lambda m: err.print(f"omni: {m}", markup=False)))
+    report = _guard(
+        lambda: run_bench(cfg, lambda m: err.print(f"omni: {printable(m)}", markup=False))
+    )
     render(report, _console())
     if json_file is not None:
         json_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -605,7 +647,8 @@ def _console():
 
 @app.command()
 def vram(
-    model: str = _model_option(extra=", or random:vit-b-32 / random:vit-l-14"),
+    model: str = _model_option(extra=_random_archs()),
+    revision: str = _revision_option(),
     precision: str = typer.Option(
         "all", metavar="PRECISIONS", help="all, or a comma list of fp32,fp16,bf16,int8,nf4."
     ),
@@ -655,9 +698,11 @@ def vram(
             budget=budget,
             device=device,
             measure=measure,
+            revision=revision,
         )
 
     cfg = _guard(build)
+    _guard(lambda: hub.check(model, revision))  # a misspelled --model: before torch
     from .tools.vram import estimate, render
 
     report = _guard(lambda: estimate(cfg))
@@ -679,6 +724,9 @@ def report(
     labels: str = typer.Option(
         None, metavar="A,B,...", help="Comma list of the labels to show (default: all)."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite the -o file even if it is not an omni report."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
 ) -> None:
     """Write one self-contained HTML page to look at a tag output.
@@ -693,7 +741,9 @@ def report(
         wanted = (
             None if labels is None else tuple(x.strip() for x in labels.split(",") if x.strip())
         )
-        return ReportConfig(source=source, output=output, per_label=per_label, labels=wanted)
+        return ReportConfig(
+            source=source, output=output, per_label=per_label, labels=wanted, force=force
+        )
 
     cfg = _guard(build)
     with _bar(not quiet and sys.stderr.isatty(), "thumbnails") as progress:
@@ -701,10 +751,14 @@ def report(
     if not quiet:
         for note in result.notes:
             _say(f"omni: {note}")
-        missing = f" ({result.missing:,} missing or unreadable)" if result.missing else ""
-        typer.echo(
-            f"omni: {result.rows:,} rows, {result.thumbnails:,} images shown{missing}, "
-            f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s -> {result.output}"
+        if result.replaced:
+            _say(f"omni: replaced {result.output}")
+        lost = [f"{result.missing:,} not found"] if result.missing else []
+        lost += [f"{result.unreadable:,} unreadable"] if result.unreadable else []
+        lost = f" ({', '.join(lost)})" if lost else ""
+        _echo(
+            f"omni: {plural(result.rows, 'row')}, {plural(result.thumbnails, 'image')} shown"
+            f"{lost}, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s -> {result.output}"
         )
 
 
@@ -724,12 +778,15 @@ def search(
         metavar="HUB_ID|DIR",
         help="Model for the query (default: the one named in the file, which made them).",
     ),
+    revision: str = _revision_option(),
     device: str = _device_option(),
 ) -> None:
     """Rank the images of a tag output by similarity to a text or to an image.
 
     Uses the embeddings stored by `omni tag --save-embeddings`: nothing in the archive is
-    decoded again, only the query is encoded (by the model that tagged the file). Scores are
+    decoded again, only the query is encoded (by the model that tagged the file). The first
+    search builds an index beside the output (OUT.index/, one segment per Parquet file);
+    later ones read it, rebuilding only the segments of files that changed. Scores are
     cosine similarities. With tiles an image has several views (global, squares, tiles) and
     its score is its best view's, so a small object seen by one tile is found.
 
@@ -737,18 +794,26 @@ def search(
     """
     from .look.search import search as run_search
 
-    hits, notes = _guard(
-        lambda: run_search(source, text=query, image=image, k=k, model=model, device=device)
-    )
-    for note in notes:
+    with _bar(sys.stderr.isatty(), "indexing embeddings") as progress:
+        found = _guard(
+            lambda: run_search(
+                source, text=query, image=image, k=k, model=model, device=device,
+                revision=revision, progress=progress,
+            )
+        )  # fmt: skip
+    if found.index.rebuilt:
+        files = plural(len(found.index.segments), "file")
+        _say(f"omni: indexed {found.index.rebuilt:,} of {files} -> {found.index.folder}")
+    for note in found.notes:
         _say(f"omni: {note}")
+    hits = found.hits
     if as_json:
         rows = [{**dataclasses.asdict(h), "score": round(h.score, 4)} for h in hits]
-        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        typer.echo(json_printable(json.dumps(rows, ensure_ascii=False, indent=2)))
         return
     typer.echo("rank  score   path")
     for h in hits:
-        typer.echo(f"{h.rank:>4}  {h.score:.4f}  {Path(h.root) / h.path}")
+        _echo(f"{h.rank:>4}  {h.score:.4f}  {h.file}")
 
 
 @contextlib.contextmanager

@@ -96,11 +96,14 @@ class ModelConfig:
     precision: str = "auto"
     batch: int | None = None  # views per encoder forward; None = auto
     max_gpu_memory: int | None = None  # bytes on the GPU; the rest of the model goes to the CPU
+    revision: str | None = None  # a hub model's branch, tag or commit; None: its default branch
 
     def __post_init__(self) -> None:
         parse_device(self.device)
         parse_precision(self.precision)
         parse_batch(self.batch)
+        if self.revision is not None and not self.revision.strip():
+            raise UsageError("--revision must be a hub branch, tag or commit, not empty")
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class DecodeConfig:
     tiles: str = "off"  # off | auto | RxC
     tile_overlap: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_timeout: float = 60.0  # seconds per file in a decode worker; longer: an error row
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -124,6 +128,8 @@ class DecodeConfig:
         parse_overlap(self.tile_overlap)
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be positive")
+        if not self.decode_timeout > 0:
+            raise UsageError("--decode-timeout must be a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,7 @@ class VramConfig:
     budget: int | None = None  # bytes; None = free GPU memory, or available RAM on the CPU
     device: str = "auto"
     measure: bool = False
+    revision: str | None = None  # as ModelConfig.revision
 
     def __post_init__(self) -> None:
         bad = [p for p in self.precisions if p not in ALL_PRECISIONS]

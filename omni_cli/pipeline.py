@@ -12,6 +12,7 @@ interrupted run, rows of the previous output whose files are unchanged) and tags
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,13 +28,15 @@ from .config import TagConfig
 from .errors import Interrupted, Terminated
 from .inputs.listing import Files
 from .inputs.sources import FileEntry, Unlisted, check_inputs, discover
-from .model.labels import NEUTRAL_LEVELS, Label, prompts_for, read_labels
+from .model import hub
+from .model.labels import NEUTRAL_LEVELS, Label, long_labels, prompts_for, read_labels
 from .output import verify
 from .output.finish import finish, recover
 from .output.identity import request
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
 from .output.state import Plan, check_shrink, entry_key, held_rows, plan_work, unchanged
+from .text import utf8_or_none
 
 if TYPE_CHECKING:
     from .inputs.decode import Preprocess
@@ -185,7 +188,9 @@ def make_feeder(cfg: TagConfig, encoder: Encoder, todo: Files, jpeg_decoder=None
                                            jpeg_decoder)  # fmt: skip
     workers = default_workers(device.type) if cfg.workers is None else cfg.workers
     loader = make_loader(todo, spec, files=files_per_batch(encoder.batch, spec, workers),
-                         workers=workers, pin=device.type == "cuda", split=split)  # fmt: skip
+                         workers=workers, pin=device.type == "cuda", split=split,
+                         timeout=cfg.decode.decode_timeout,
+                         helper=cfg.workers is None)  # fmt: skip
     return Feeder(loader, spec, device, encoder.batch, decoder=decoder, split=split, adapt=adapt)
 
 
@@ -275,6 +280,7 @@ def prepare(cfg: TagConfig) -> tuple[list[Label], list[tuple[str, ...]]]:
     """Check the labels, inputs and output before any work; returns (labels, prompts)."""
     labels = read_labels(cfg.labels_file)
     prompts = prompts_for(labels, cfg.template)
+    hub.check(cfg.model.model, cfg.model.revision)
     check_inputs(cfg.inputs)
     check_writable(cfg.output)
     return labels, prompts
@@ -321,6 +327,10 @@ def plan_run(
     plan = plan_work(cfg, listing.entries, out_schema, held=listing.held, force=listing.force)
     if plan.message:
         emit(Progress("note", message=plan.message))
+    cut = long_labels(names, prompts, encoder.too_long)
+    if cut:
+        emit(Progress("note", message=f"prompts longer than the model's {encoder.text_length} "
+                      f"tokens were cut to fit, for labels: {', '.join(cut)}"))  # fmt: skip
     tagger = Tagger(
         encoder, classifier, names, out_schema, top_k=cfg.top_k, threshold=cfg.threshold
     )
@@ -385,4 +395,5 @@ def run_metadata(
         "request": request(cfg, labels, prompts),
         "omni_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cwd": utf8_or_none(os.getcwd()),  # what relative roots are relative to (look.reader)
     }

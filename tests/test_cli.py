@@ -133,7 +133,7 @@ def test_threshold_and_top_k(tmp_path, images, labels_file):
         ("empty_labels", 2, "has no labels"),
         ("duplicate_labels", 2, "duplicate label 'red circle' on lines 1 and 3"),
         ("missing_input", 2, "input not found"),
-        ("unknown_model", 1, "model not found"),
+        ("unknown_model", 2, "model not found"),
         ("pickled_model", 1, "only pickled weights"),
         ("bad_precision", 2, "--precision must be one of"),
         ("bad_template", 2, "--template must contain"),

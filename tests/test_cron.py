@@ -368,7 +368,7 @@ def test_nothing_changed_imports_no_torch_and_leaves_the_output_as_it_was(tmp_pa
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 3, done.stderr  # the broken file is still listed
-    assert "nothing changed since the last run (1 error rows kept)" in done.stdout
+    assert "nothing changed since the last run (1 error row kept)" in done.stdout
     assert (out.read_bytes(), out.stat().st_mtime_ns) == before
     # Anything else to do, and the error row is tried again with the new file.
     make_folder(folder / "more", 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -129,3 +131,67 @@ def test_neutral_embedding_is_the_mean_over_flat_greys_and_cached_per_model(tmp_
     again, hit = cached_neutral(encode, 4, "model@1")
     assert hit and torch.equal(mean, again) and seen == [len(NEUTRAL_LEVELS)]
     assert not cached_neutral(encode, 4, "model@2")[1]
+
+
+def cache_files(tmp_path, kind="labels"):
+    return sorted((tmp_path / kind).glob("*.pt"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "other tensor"])
+def test_a_damaged_cache_file_is_recomputed_and_rewritten(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("OMNI_CACHE_DIR", str(tmp_path))
+    calls = []
+    first, _ = cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@1")
+    (path,) = cache_files(tmp_path)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x80\x04 this is not a pickle \x00" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # a loadable file with the wrong shape, as an older omni wrote it (no key)
+        torch.save(torch.zeros(2, 5), path)
+    again, hit = cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@1")
+    assert not hit and len(calls) == 2 and torch.equal(first, again)
+    assert cache_files(tmp_path) == [path] and not list(tmp_path.glob("labels/*.tmp"))
+    _, hit = cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@1")
+    assert hit and len(calls) == 2  # rewritten whole
+
+
+def test_a_cache_file_for_other_prompts_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNI_CACHE_DIR", str(tmp_path))
+    calls = []
+    cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@1")
+    (path,) = cache_files(tmp_path)
+    cached_classifier(fake_encoder(calls), [("c",), ("b",)], "model@1")
+    other = next(p for p in cache_files(tmp_path) if p != path)
+    shutil.copy(other, path)  # same shape, another key: e.g. a file copied between machines
+    _, hit = cached_classifier(fake_encoder(calls), [("a",), ("b",)], "model@1")
+    assert not hit and calls[-1] == ["a", "b"]
+
+
+def test_an_unknown_model_identity_is_never_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNI_CACHE_DIR", str(tmp_path))
+    calls = []
+    for _ in range(2):
+        assert not cached_classifier(fake_encoder(calls), [("a",)], None)[1]
+    assert len(calls) == 2 and not cache_files(tmp_path)
+
+
+def test_new_weights_key_new_label_embeddings(tmp_path):
+    from omni_cli.config import ModelConfig
+    from omni_cli.model.loading import load_encoder
+
+    from .test_hub import copy_model, perturb
+
+    folder = copy_model(tmp_path)
+    cfg = ModelConfig(model=str(folder), device="cpu", precision="fp32")
+    before = load_encoder(cfg)
+    prompts = [("a photo of a red circle.",), ("a photo of a blue square.",)]
+    old, _ = cached_classifier(before.encode_texts, prompts, before.cache_key)
+    perturb(folder / "model.safetensors")
+    after = load_encoder(cfg)
+    assert after.cache_key != before.cache_key
+    new, hit = cached_classifier(after.encode_texts, prompts, after.cache_key)
+    assert not hit and not torch.equal(old, new)

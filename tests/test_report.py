@@ -65,7 +65,8 @@ def paths(page: _Page, section: str) -> list[str]:
     return [p for p, _ in page.galleries[section]]
 
 
-def write_output(path: Path, rows: list[dict], labels, *, scores: bool, threshold=None) -> Path:
+def write_output(path: Path, rows: list[dict], labels, *, scores: bool, threshold=None,
+                 cwd: str | None = None) -> Path:  # fmt: skip
     """An omni output made by hand: rows give root, path, status, error, probs, scores, top."""
     n = len(labels)
     fields = [
@@ -88,6 +89,7 @@ def write_output(path: Path, rows: list[dict], labels, *, scores: bool, threshol
         "top_k": 5,
         "threshold": threshold,
         "created": "2026-01-02T03:04:05+00:00",
+        "cwd": cwd,
     }
     schema = pa.schema(fields, metadata={b"omni": json.dumps(meta)})
     columns = {name: [] for name, _ in fields}
@@ -206,7 +208,7 @@ def test_missing_and_unreadable_files_get_placeholders(tmp_path):
     out = write_output(tmp_path / "t.parquet", rows, ["cat", "dog"], scores=False)
     result = omni("report", out, "-o", tmp_path / "r.html")
     assert result.exit_code == 0, result.output
-    assert "3 missing or unreadable" in result.output
+    assert "4 images shown (1 not found, 2 unreadable)" in result.output
     page = parse((tmp_path / "r.html").read_text())
     assert page.galleries["cat"] == [
         ("here.jpg", False),
@@ -224,6 +226,87 @@ def test_relative_roots_are_found_beside_the_output(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # `photos` does not resolve from here
     build_report(ReportConfig(out, tmp_path / "r.html"))
     assert parse((tmp_path / "r.html").read_text()).galleries["cat"] == [("a.jpg", False)]
+
+
+def test_relative_roots_are_found_from_the_folder_tag_ran_in(tmp_path, monkeypatch):
+    """`omni tag photos -o out/t.parquet` run in `work`, the report made from anywhere."""
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    (work / "out").mkdir()
+    picture(work / "photos", "a.jpg")
+    rows = [
+        {"root": "photos", "path": "a.jpg", "probs": [0.9, 0.1]},
+        {"root": "photos", "path": "gone.jpg", "probs": [0.8, 0.2]},
+        {"root": "old", "path": "b.jpg", "probs": [0.7, 0.3]},
+    ]
+    out = write_output(work / "out" / "t.parquet", rows, ["cat", "dog"], scores=False,
+                       cwd=str(work))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    result = omni("report", out, "-o", tmp_path / "r.html")
+    assert result.exit_code == 0, result.output
+    page = parse((tmp_path / "r.html").read_text())
+    assert page.galleries["cat"] == [("a.jpg", False), ("gone.jpg", True), ("b.jpg", True)]
+    assert "3 images shown (2 not found)" in result.stdout
+    note = result.stderr.splitlines()[0]
+    assert note.startswith("omni: input folder 'old' (a relative path) was not found under ")
+    for where in (work, work / "out", tmp_path):
+        assert str(where) in note
+
+
+def test_a_folder_output_gives_the_same_page_as_one_file(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    rows = [{"path": f"f{i:02d}.jpg", "probs": list(rng.random(3)), "top": ["a"] if i % 3 else []}
+            for i in range(30)]  # fmt: skip
+    rows[4] = {"path": "err.jpg", "status": "error", "error": "truncated JPEG"}
+    one = write_output(tmp_path / "t.parquet", rows, ["a", "b", "c"], scores=False,
+                       threshold=0.5)  # fmt: skip
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    table = pq.read_table(one)
+    (folder / "_omni.json").write_bytes(table.schema.metadata[b"omni"])
+    plain = table.replace_schema_metadata(None)
+    pq.write_table(plain.slice(0, 11), folder / "part-00000.parquet")
+    pq.write_table(plain.slice(11), folder / "part-00001.parquet")
+    (tmp_path / "tags").symlink_to("v1")
+    monkeypatch.setattr(report_module, "BATCH_ROWS", 4)
+    build_report(ReportConfig(one, tmp_path / "one.html", per_label=5))
+    result = build_report(ReportConfig(tmp_path / "tags", tmp_path / "parts.html", per_label=5))
+    assert result.rows == 30
+    one_page = parse((tmp_path / "one.html").read_text())
+    parts_page = parse((tmp_path / "parts.html").read_text())
+    assert one_page.galleries == parts_page.galleries and "errors" in parts_page.galleries
+    text = "".join(parts_page.text)
+    assert "err.jpg" in text and "1 file could not be read" in text
+
+
+def test_an_earlier_report_is_replaced_anything_else_is_kept(tmp_path):
+    out = write_output(tmp_path / "t.parquet", [{"path": "a.jpg", "probs": [1.0]}], ["cat"],
+                       scores=False)  # fmt: skip
+    page = tmp_path / "r.html"
+    first = omni("report", out, "-o", page)
+    assert first.exit_code == 0 and "replaced" not in first.output
+    again = omni("report", out, "-o", page)
+    assert again.exit_code == 0 and f"omni: replaced {page}" in again.stderr
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>my own notes</html>")
+    refused = omni("report", out, "-o", mine)
+    assert refused.exit_code == 2 and "not an omni report" in refused.output
+    assert "--force" in refused.output and mine.read_text() == "<html>my own notes</html>"
+    forced = omni("report", out, "-o", mine, "--force")
+    assert forced.exit_code == 0 and "omni report" in mine.read_text()
+
+
+def test_counts_of_one_are_singular(tmp_path):
+    rows = [{"path": picture(tmp_path, "a.jpg"), "probs": [0.9, 0.1], "top": []},
+            {"path": "b.jpg", "status": "error", "error": "not an image"}]  # fmt: skip
+    out = write_output(tmp_path / "t.parquet", rows, ["cat", "dog"], scores=False, threshold=0.95)
+    result = omni("report", out, "-o", tmp_path / "r.html")
+    assert "omni: 2 rows, 1 image shown," in result.stdout
+    text = " ".join("".join(parse((tmp_path / "r.html").read_text()).text).split())
+    assert "the highest of 1 score" in text and "1 image got no label" in text
+    assert "1 file could not be read" in text and "the least sure, with its best score" in text
+    for wrong in ("1 images", "1 scores", "1 files", "1 rows"):
+        assert wrong not in text
 
 
 def test_user_data_is_escaped_and_the_page_is_self_contained(tmp_path):
@@ -283,6 +366,22 @@ def test_labels_given_together_with_a_threshold(tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "Labels given together" in html
     assert 'title="cat and dog: 2 images"' in html and 'title="cat: 3 images"' in html
+
+
+def test_threshold_0_shows_close_calls(tmp_path):
+    """With threshold 0 every top-k label passes: the pairs are close calls, as without one."""
+    rows = [
+        {"path": "a.jpg", "probs": [0.5, 0.4, 0.1], "top": ["cat", "dog", "bird"]},
+        {"path": "b.jpg", "probs": [0.5, 0.4, 0.1], "top": ["cat", "dog", "bird"]},
+        {"path": "c.jpg", "probs": [0.1, 0.2, 0.7], "top": ["bird", "dog", "cat"]},
+    ]
+    out = write_output(tmp_path / "t.parquet", rows, ["cat", "dog", "bird"], scores=False,
+                       threshold=0)  # fmt: skip
+    build_report(ReportConfig(out, tmp_path / "r.html"))
+    html = (tmp_path / "r.html").read_text()
+    assert 'id="pairs"' in html and "Close calls" in html
+    assert 'title="best cat, runner-up dog: 2 images"' in html
+    assert "0 (every top-k label passes)" in html and 'class="thumb below"' not in html
 
 
 @pytest.mark.parametrize(
@@ -403,3 +502,35 @@ def test_the_page_in_a_real_browser(tagged, tmp_path):
     assert [Path(e).name for e in dom["errors"]] == ["broken.jpg"]
     assert dom["width"] <= 1280  # nothing overflows sideways
     assert seen.screenshot.startswith(b"\x89PNG") and len(seen.screenshot) > 10_000
+
+
+CAPTIONS = """JSON.stringify([...document.querySelectorAll('section.label figure.thumb')].map(f => {
+  const span = f.querySelector('figcaption span'), box = span.getBoundingClientRect();
+  const text = span.textContent, node = (span.querySelector('bdi') || span).firstChild;
+  const range = document.createRange();
+  const lefts = [...text].map((_, i) => { range.setStart(node, i); range.setEnd(node, i + 1);
+                                          return range.getBoundingClientRect().left; });
+  return {text, lefts, boxLeft: box.left, boxRight: box.right,
+          lastRight: (range.setStart(node, text.length - 1), range.getBoundingClientRect().right)};
+}))"""
+
+
+@pytest.mark.skipif(browser.chromium() is None, reason="chromium is not installed")
+def test_captions_keep_the_order_of_a_name_and_show_its_end(tmp_path):
+    short, long = "04/00018.jpg", "a_folder_with_a_long_name/and_a_long_file_name_0123456789.jpg"
+    for name in (short, long):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        picture(tmp_path, name)
+    rows = [{"path": short, "probs": [0.9]}, {"path": long, "probs": [0.8]}]
+    out = write_output(tmp_path / "t.parquet", rows, ["cat"], scores=False)
+    build_report(ReportConfig(out, tmp_path / "r.html"))
+    seen = browser.visit(tmp_path / "r.html", CAPTIONS, width=1280, height=900)
+    captions = {c["text"]: c for c in json.loads(seen.value)}
+    assert set(captions) == {short, long}
+    for c in captions.values():  # characters laid out left to right in their own order
+        assert c["lefts"] == sorted(c["lefts"]), c
+    fits = captions[short]
+    assert fits["lefts"][0] >= fits["boxLeft"] - 0.5  # a short name is shown whole
+    cut = captions[long]
+    assert cut["lefts"][0] < cut["boxLeft"]  # a long name loses its start ...
+    assert cut["lastRight"] <= cut["boxRight"] + 0.5  # ... and keeps its end

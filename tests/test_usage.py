@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -113,16 +114,16 @@ def test_bench_explains_only_the_rows_it_shows(tmp_path):
 def test_offline_hub_fails_at_once_and_says_what_to_do(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=hub.HUB_TIMEOUT: False)
-    monkeypatch.setattr(hub, "cached_revision", lambda model: None)
+    monkeypatch.setattr(hub, "snapshot", lambda model, revision=None: None)
     with pytest.raises(ModelError) as caught:
         hub.resolve("openai/clip-vit-base-patch32")
     message = str(caught.value)
     assert "cannot reach the Hugging Face hub" in message
     assert "local folder" in message and "HF_HUB_OFFLINE=1" in message
-    monkeypatch.setattr(hub, "cached_revision", lambda model: "abc123")
-    assert hub.resolve("openai/clip-vit-base-patch32") == hub.Source(
-        "openai/clip-vit-base-patch32", local_only=True
-    )  # a cached copy loads offline, without the hub client's retries
+    monkeypatch.setattr(hub, "snapshot", lambda model, revision=None: Path("abc123"))
+    source = hub.resolve("openai/clip-vit-base-patch32")
+    assert source.name == "openai/clip-vit-base-patch32" and source.local_only
+    # a cached copy loads offline, without the hub client's retries
 
 
 def test_auto_precision_says_why_and_fp16_on_a_cpu_warns(tmp_path, images, labels_file):

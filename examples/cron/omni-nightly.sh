@@ -3,7 +3,9 @@
 #
 # Unchanged files are carried over without being opened, new and changed ones are tagged, and
 # rows of deleted files are dropped. A run killed half-way (reboot, OOM killer) resumes from
-# what it had flushed. Each run appends one JSON summary line to $LOG.
+# what it had flushed. Each run appends one JSON summary line to $LOG. A file that crashes or
+# hangs a decoder becomes an error row: decoding runs in worker or helper processes, which omni
+# replaces when one dies (do not add --workers 0, which decodes in omni's own process).
 #
 # OUT has no .parquet suffix, so it is an archive: a folder of Parquet parts in which a night
 # rewrites only the parts that hold a change (see README, "Output: one file or an archive").

@@ -1,8 +1,10 @@
 """Decode: one file in, the model's input views out, as uint8 arrays.
 
 Runs in DataLoader worker processes, so it touches neither torch nor the device. It opens the
-file, checks the pixel cap from the header alone, asks JPEG for a reduced-scale decode when the
-target is smaller (PIL's draft mode: 1/2, 1/4 or 1/8 of the work), applies the EXIF orientation,
+file by its content with only the decoders omni allows (`FORMATS`: an EPS named `.jpg` never
+reaches Ghostscript), checks the pixel cap from the header alone, asks for a reduced-scale
+decode when the target is smaller (JPEG's draft mode: 1/2, 1/4 or 1/8 of the work; HEIF's
+embedded thumbnails; camera RAW's embedded preview, raw.py), applies the EXIF orientation,
 converts every mode to RGB (alpha is composited on white, 16-bit is scaled, CMYK and palettes
 are converted), and cuts the views: the whole image resized and centre-cropped exactly as the
 model's image processor does, plus the tiling views (tiling.py) when on. Every failure becomes a
@@ -21,9 +23,44 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DecodeError
-from . import tiling
+from . import raw, tiling
 
 Image.MAX_IMAGE_PIXELS = None  # the cap is ours (Preprocess.max_pixels), checked from the header
+
+try:  # HEIC/HEIF (a default dependency); AVIF is Pillow's own plugin
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - a broken install: HEIC files become error rows
+    pass
+
+# Every format Pillow may open for omni, by Pillow's format name: reports, search and decoding
+# all open files through `open_image`, so nothing else (EPS, which runs Ghostscript; PDF; the
+# many exotic plugins) ever parses a file, whatever its name says. MPO is a JPEG with extra
+# frames (phone cameras); DIB a BMP without its file header.
+FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "HEIF", "AVIF")
+DRAFT_FORMATS = ("JPEG", "MPO", "HEIF")  # formats with a reduced-scale decode (JPEG's DCT
+# scaling; HEIF's embedded thumbnails, used only when at least the needed size)
+
+
+def allowed_formats() -> tuple[str, ...]:
+    """FORMATS that this install can open (AVIF needs a Pillow built with libavif)."""
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
+def open_image(fp) -> Image.Image:
+    """`Image.open` restricted to the allowed formats: the only way omni opens an image."""
+    return Image.open(fp, formats=allowed_formats())
+
+
+def open_to_look(path: str | os.PathLike) -> Image.Image:
+    """A file opened to be looked at (the report's thumbnails): `open_image`, or for camera
+    RAW its embedded preview (else a half-size demosaic), already oriented."""
+    if _is_raw(sniff(path), str(path)):
+        rgb, *_ = raw.load(str(path), Preprocess.max_pixels, lambda width, height: 0.0)
+        return rgb
+    return open_image(path)
 
 
 @dataclass(frozen=True)
@@ -73,7 +110,7 @@ def read_jpeg(path: str, spec: Preprocess) -> RawJpeg | None:
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
                 if img.format != "JPEG" or img.mode != "RGB" or img.info.get("progressive"):
                     return None
                 width, height = img.size
@@ -106,7 +143,11 @@ def load(path: str, spec: Preprocess) -> Decoded:
         raise DecodeError("too many pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
-        if "truncated" in text.lower() or isinstance(exc, EOFError):
+        if (
+            "truncated" in text.lower()
+            or "end of file" in text.lower()
+            or isinstance(exc, EOFError)
+        ):
             raise DecodeError(f"truncated {_format_name(path)}") from None
         raise DecodeError(f"corrupt image: {text[:120]}") from None
     except MemoryError:
@@ -118,21 +159,57 @@ def load(path: str, spec: Preprocess) -> Decoded:
 def _load(path: str, spec: Preprocess) -> Decoded:
     if os.path.getsize(path) == 0:
         raise DecodeError("empty file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's EXIF and palette chatter is not the user's problem
-        with Image.open(path) as img:
-            raw_w, raw_h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-            if raw_w * raw_h > spec.max_pixels:
-                raise DecodeError(f"too many pixels ({raw_w}x{raw_h} > {spec.max_pixels:,})")
-            if img.format == "JPEG" and spec.draft:
-                scale = needed_scale(raw_w, raw_h, spec)
-                if scale < 1.0:
-                    img.draft("RGB", (math.ceil(raw_w * scale), math.ceil(raw_h * scale)))
-            img.load()
-            rgb = to_rgb(ImageOps.exif_transpose(img))
+    with open(path, "rb") as f:
+        kind = sniff_bytes(f.read(16))
+        f.seek(0)
+        if _is_raw(kind, path):
+            return _raw(path, spec)
+        if kind in UNSUPPORTED:
+            raise DecodeError(f"unsupported format ({kind})")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's EXIF and palette chatter is not for the user
+            try:
+                img = open_image(f)
+            except UnidentifiedImageError:
+                if kind == "TIFF" and raw.available():  # a DNG (or other TIFF RAW) named .tif
+                    return _raw(path, spec)
+                raise
+            with img:
+                rgb, width, height = _pillow(img, spec)
+    return cut_views(rgb, width, height, spec)
+
+
+def _pillow(img: Image.Image, spec: Preprocess) -> tuple[Image.Image, int, int]:
+    """(oriented RGB image, width, height after orientation); the image may be drafted."""
+    raw_w, raw_h = img.size
+    orientation = img.getexif().get(0x0112, 1)
+    if raw_w * raw_h > spec.max_pixels:
+        raise DecodeError(f"too many pixels ({raw_w}x{raw_h} > {spec.max_pixels:,})")
+    if img.format in DRAFT_FORMATS and spec.draft:
+        # EXIF orientation swaps axes after decoding; the scale does not depend on it
+        scale = needed_scale(raw_w, raw_h, spec)
+        if scale < 1.0:
+            img.draft("RGB", (math.ceil(raw_w * scale), math.ceil(raw_h * scale)))
+    img.load()
+    rgb = to_rgb(ImageOps.exif_transpose(img))
     # EXIF orientations 5-8 swap the axes; the drafted image is the same shape, smaller.
     width, height = (raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h)
+    return rgb, width, height
+
+
+def _raw(path: str, spec: Preprocess) -> Decoded:
+    def scale(width: int, height: int) -> float:
+        return needed_scale(width, height, spec) if spec.draft else 1.0
+
+    rgb, width, height, _ = raw.load(path, spec.max_pixels, scale)
+    return cut_views(rgb, width, height, spec)
+
+
+def cut_views(rgb: Image.Image, width: int, height: int, spec: Preprocess) -> Decoded:
+    """The global view and, with tiling, the tiles, from an oriented RGB image of the file.
+
+    `rgb` may be smaller than `width` x `height` (drafted, a preview): boxes are scaled to it.
+    """
     views = [resize_crop(rgb, spec)]
     grid = tiling.grid_for(width, height, spec.tiles, spec.tile_overlap, spec.size)
     if grid:  # tiled: the whole-image squares, then the tiles (see tiling.py)
@@ -243,25 +320,54 @@ SIGNATURES = (
     (b"\x89PNG", "PNG"),
     (b"GIF8", "GIF"),
     (b"BM", "BMP"),
+    (b"FUJIFILMCCD-RAW", "RAF"),
+    (b"IIRO", "ORF"),
+    (b"IIRS", "ORF"),
+    (b"MMOR", "ORF"),
+    (b"IIU\x00", "RW2"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
+    (b"%!PS", "PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "PostScript"),
+    (b"%PDF", "PDF"),
+    (b"8BPS", "PSD"),
 )
+# ISO base media brands (bytes 8-12 after `ftyp`)
+BRANDS = {b"heic": "HEIF", b"heix": "HEIF", b"heim": "HEIF", b"heis": "HEIF", b"hevc": "HEIF",
+          b"hevx": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF",
+          b"crx ": "CR3"}  # fmt: skip
+RAW_KINDS = frozenset(["CR2", "CR3", "RAF", "ORF", "RW2"])  # DNG, NEF, ARW: TIFF + extension
+UNSUPPORTED = frozenset(["PostScript", "PDF", "PSD"])  # recognised, never opened
+
+
+def sniff_bytes(head: bytes) -> str | None:
+    """The format a file's first 16 bytes announce, if any."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[4:8] == b"ftyp":
+        return BRANDS.get(head[8:12])
+    if head.startswith(b"II*\x00") and head[8:10] == b"CR":
+        return "CR2"
+    return next((name for magic, name in SIGNATURES if head.startswith(magic)), None)
 
 
 def sniff(path: str) -> str | None:
     """The image format a file's first bytes announce, if any."""
     try:
         with open(path, "rb") as f:
-            head = f.read(12)
+            return sniff_bytes(f.read(16))
     except OSError:
         return None
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WebP"
-    return next((name for magic, name in SIGNATURES if head.startswith(magic)), None)
+
+
+def _is_raw(kind: str | None, path: str) -> bool:
+    """Camera RAW by content; TIFF-based RAW (DNG, NEF, ARW) by content and extension."""
+    ext = os.path.splitext(path)[1].lower()
+    return kind in RAW_KINDS or (kind == "TIFF" and ext in raw.RAW_EXTENSIONS)
 
 
 def _format_name(path: str) -> str:
     ext = os.path.splitext(path)[1].lower().lstrip(".")
-    return {"jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "tif": "TIFF"}.get(
-        ext, ext.upper() or "image"
-    )
+    names = {"jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "tif": "TIFF",
+             "heic": "HEIF", "hif": "HEIF"}  # fmt: skip
+    return sniff(path) or names.get(ext, ext.upper() or "image")

@@ -5,7 +5,8 @@ encoder one `Fed` group: every file's views as one uint8 tensor on the device, i
 Views decoded by CPU workers travel from pinned memory on a side stream, overlapping the
 encoder's work. JPEGs sent to the device are decoded there in one batched call
 (devdecode.py); a batch the device decoder rejects is retried file by file, and a file it
-still rejects is decoded on the CPU, which gives it pixels or the same error row as ever.
+still rejects is decoded on the CPU (in a process of its own: a file the device rejects may
+crash a native decoder too), which gives it pixels or the same error row as ever.
 
 Hybrid decoding: on a GPU host both the CPU workers and the device can decode, and the right
 share for each depends on the model, the GPU and the cores. `SplitControl` measures both while
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 
 from ..errors import DecodeError, UsageError
-from . import decode, tiling
+from . import decode, isolate, tiling
 from .devdecode import JpegDecoder, device_views, orient
+from .isolate import DEFAULT_TIMEOUT
 from .loader import Batch, Item, Split
 
 WINDOW = 16  # loader batches between updates of the split
@@ -280,11 +282,23 @@ class Feeder:
         return out
 
     def _cpu_fallback(self, item: Item) -> torch.Tensor | None:
-        """Decode one file on the CPU here, as a worker would; an error sticks to the item."""
-        try:
-            decoded = decode.load(item.entry.path, self.spec)
-        except DecodeError as exc:
-            item.error = exc.reason
+        """Decode one file on the CPU, as a worker would; an error sticks to the item.
+
+        In a process of its own (isolate.run_alone): the device rejected this file, so it is
+        the kind that may crash a native decoder, and this is the main process.
+        """
+        path, spec = item.entry.path, self.spec
+
+        def load() -> decode.Decoded | str:
+            try:
+                return decode.load(path, spec)
+            except DecodeError as exc:
+                return exc.reason
+
+        timeout = getattr(getattr(self.batches, "dataset", None), "timeout", DEFAULT_TIMEOUT)
+        ok, decoded = isolate.run_alone(load, timeout)
+        if not isinstance(decoded, decode.Decoded):
+            item.error = decoded  # the reason, or how its process died
             return None
         item.width, item.height, item.views = decoded.width, decoded.height, len(decoded.pixels)
         return self._to_device(torch.from_numpy(np.ascontiguousarray(decoded.pixels)))

@@ -25,8 +25,10 @@ from pathlib import Path
 from ..errors import InputNotFound, InputUnreadable
 
 IMAGE_EXTENSIONS = frozenset(
-    [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".dib"]
-)
+    [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".dib",
+     ".heic", ".heif", ".hif", ".avif",
+     ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"]  # camera RAW: omni-cli[raw]
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,14 @@ It shows the run's metadata and counts, per label a gallery of the images that s
 and a histogram of that label's scores, the images that got no tag, the error rows with their
 reasons, and which labels are given together (or, without a threshold, which are confused).
 
-It scales with the output file, not with memory: the needed columns are read in record batches
-and reduced with numpy (running top-k per label, histogram bins, counts), so a million rows cost
-a few seconds; only the images shown are opened, in threads, and each is drafted down to a
-thumbnail. A file that is gone or unreadable gets a placeholder, never an error. Paths and
-labels are user data: the jinja2 template escapes everything.
+It scales with the output, not with memory: the needed columns are read file by file, row
+group by row group, in record batches sized to the number of labels, and reduced with numpy
+(running top-k per label, histogram bins, counts), so a million rows cost a few seconds and the
+same memory as a thousand; only the images shown are opened, in threads, and each is drafted
+down to a thumbnail. A file that is gone or unreadable gets a placeholder, never an error, and
+the result says which input folders were not found and where they were looked for. Paths and
+labels are user data: the jinja2 template escapes everything, and shows control characters as
+escapes. An existing page is replaced only if omni wrote it (or with `force`).
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..errors import UsageError
-from ..output.layout import file_metadata
+from ..text import plural, printable
+from .reader import Output, Roots, open_output
 
 BATCH_ROWS = 65_536
+BATCH_CELLS = 2_000_000  # rows x labels per batch: ~8 MB per float32 matrix, whatever the labels
+MAX_REASONS = 1_000  # distinct error reasons counted; the others are lumped together
+GENERATOR = '<meta name="generator" content="omni report">'  # how an omni page is recognised
 MAX_THUMBNAILS = 2_400  # 100 labels x 24: the page stays under ~20 MB with real photos
 MAX_ERROR_ROWS = 200
 MAX_THUMB_PIXELS = 200_000_000  # as `tag --max-pixels`: a bigger file gets a placeholder
@@ -56,6 +62,7 @@ class ReportConfig:
     labels: tuple[str, ...] | None = None  # None: every label in the file
     thumb_size: int = 160  # pixels, longest side
     workers: int | None = None  # threads making thumbnails (None: one per core, at most 8)
+    force: bool = False  # overwrite `output` even if it is not an omni report
 
     def __post_init__(self) -> None:
         if not 1 <= self.per_label <= 1000:
@@ -71,37 +78,20 @@ class ReportResult:
     output: Path
     rows: int
     thumbnails: int  # images shown
-    missing: int  # of those, files gone or unreadable (placeholders)
+    missing: int  # of those, files not found (placeholders)
     bytes: int  # size of the page
     seconds: float
+    unreadable: int = 0  # of those, files found that could not be read (placeholders)
+    replaced: bool = False  # an earlier omni report was at `output`
     notes: list[str] = field(default_factory=list)
-
-
-def open_output(path: Path) -> tuple[pq.ParquetFile, dict]:
-    """An `omni tag` output and its metadata; UsageError if it is missing or not one."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"no such file: {path}")
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; give the Parquet file `omni tag` wrote")
-    try:
-        # No pre-buffering: it keeps every row group read so far, so memory would grow with
-        # the file (measured: 1M rows, 992 MiB peak with it, see benchmarks/report_scale.py).
-        file = pq.ParquetFile(path, pre_buffer=False)
-    except (pa.ArrowException, OSError) as exc:
-        raise UsageError(
-            f"{path} is not a Parquet file ({str(exc).splitlines()[0][:200]})"
-        ) from None
-    meta = file_metadata(file.metadata)  # either form: footer key, or also in the schema
-    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
-        raise UsageError(f"{path} is not an `omni tag` output (no omni metadata in its schema)")
-    return file, meta
 
 
 def build_report(cfg: ReportConfig, progress: Progress | None = None) -> ReportResult:
     """Read `cfg.source`, write the page to `cfg.output`, and say what it holds."""
     start = time.perf_counter()
-    file, meta = open_output(cfg.source)
+    output = open_output(cfg.source)
+    meta = output.meta
+    replaced = _check_target(Path(cfg.output), cfg.force)
     all_labels = [str(label) for label in meta["labels"]]
     shown = _pick_labels(all_labels, cfg.labels)
     notes = []
@@ -111,9 +101,12 @@ def build_report(cfg: ReportConfig, progress: Progress | None = None) -> ReportR
             f"{len(shown)} labels: showing {per_label} images per label to keep the page small "
             "(--labels picks fewer labels to see more of each)"
         )
-    stats = _scan(file, all_labels, shown, per_label, meta.get("threshold"))
+    stats = _scan(output, all_labels, shown, per_label, _threshold(meta))
     files = _gallery_files(stats)
-    thumbs = _thumbnails(files, cfg, progress)
+    roots = Roots.of(output)
+    thumbs = _thumbnails(files, roots, cfg, progress)
+    missing = sum(1 for f, t in thumbs.items() if t is None and not roots.file(*f).exists())
+    notes += roots.missing_notes()
     context = _context(cfg, meta, all_labels, shown, stats, thumbs, notes)
     page = _render(context)
     _write_atomic(cfg.output, page)
@@ -121,11 +114,41 @@ def build_report(cfg: ReportConfig, progress: Progress | None = None) -> ReportR
         output=cfg.output,
         rows=stats.rows,
         thumbnails=len(files),
-        missing=sum(1 for t in thumbs.values() if t is None),
+        missing=missing,
+        unreadable=sum(1 for t in thumbs.values() if t is None) - missing,
         bytes=len(page.encode("utf-8")),
         seconds=time.perf_counter() - start,
+        replaced=replaced,
         notes=notes,
     )
+
+
+def _threshold(meta: dict) -> float | None:
+    """The run's threshold if it filters anything: with 0 every top-k label passes, as without."""
+    value = meta.get("threshold")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _check_target(output: Path, force: bool) -> bool:
+    """True if `output` holds an earlier omni report (replaced); UsageError if it holds
+    something else, unless `force`."""
+    if output.is_dir():
+        raise UsageError(f"{output} is a folder; give the name of the page to write (-o)")
+    if not output.exists():
+        return False
+    try:
+        with open(output, "rb") as f:
+            head = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        head = ""
+    if GENERATOR in head:
+        return True
+    if not force:
+        raise UsageError(
+            f"{output} exists and is not an omni report: not overwritten (another name with -o, "
+            "or --force to overwrite it)"
+        )
+    return False
 
 
 def _pick_labels(all_labels: list[str], wanted: tuple[str, ...] | None) -> list[int]:
@@ -145,12 +168,16 @@ def _pick_labels(all_labels: list[str], wanted: tuple[str, ...] | None) -> list[
 
 
 class _Best:
-    """The k rows with the highest key in each column, over a stream of (rows, columns) keys."""
+    """The k rows with the highest key in each column, over a stream of (rows, columns) keys.
+
+    Kept as two (k, columns) matrices and merged with whole-matrix sorts, so that a batch costs
+    the same few numpy calls with 10 labels or 10,000.
+    """
 
     def __init__(self, k: int, columns: int):
         self.k = k
-        self.keys = [np.empty(0, np.float32) for _ in range(columns)]
-        self.rows = [np.empty(0, np.int64) for _ in range(columns)]
+        self.keys = np.full((0, columns), -np.inf, np.float32)  # (<= k, columns), best first
+        self.rows = np.zeros((0, columns), np.int64)
 
     def add(self, keys: np.ndarray, first_row: int) -> None:
         """keys: (n, columns), -inf where a row does not count; rows are numbered from first_row."""
@@ -158,18 +185,27 @@ class _Best:
         if n == 0:
             return
         k = min(self.k, n)
-        top = np.argpartition(-keys, k - 1, axis=0)[:k] if k < n else np.arange(n)[:, None]
-        top = np.broadcast_to(top, (k, keys.shape[1]))  # (k, columns)
-        for j in range(keys.shape[1]):
-            new_keys = keys[top[:, j], j]
-            keep = np.isfinite(new_keys)
-            all_keys = np.concatenate([self.keys[j], new_keys[keep]])
-            all_rows = np.concatenate([self.rows[j], top[keep, j].astype(np.int64) + first_row])
-            order = np.lexsort((all_rows, -all_keys))[: self.k]  # best first, then file order
-            self.keys[j], self.rows[j] = all_keys[order], all_rows[order]
+        if k < n:
+            top = np.argpartition(-keys, k - 1, axis=0)[:k]  # (k, columns)
+        else:
+            top = np.broadcast_to(np.arange(n)[:, None], keys.shape)
+        all_keys = np.concatenate([self.keys, np.take_along_axis(keys, top, axis=0)])
+        all_rows = np.concatenate([self.rows, top.astype(np.int64) + first_row])
+        order = np.argsort(all_rows, axis=0, kind="stable")  # file order, then ...
+        all_keys = np.take_along_axis(all_keys, order, axis=0)
+        all_rows = np.take_along_axis(all_rows, order, axis=0)
+        order = np.argsort(-all_keys, axis=0, kind="stable")[: self.k]  # ... best first
+        self.keys = np.take_along_axis(all_keys, order, axis=0)
+        self.rows = np.take_along_axis(all_rows, order, axis=0)
 
-    def wanted(self) -> set[int]:
-        return {int(r) for rows in self.rows for r in rows}
+    def column(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows) of column j, best first, only the rows that count."""
+        keep = np.isfinite(self.keys[:, j])
+        return self.keys[keep, j], self.rows[keep, j]
+
+    def wanted(self) -> np.ndarray:
+        """Every row in some column's best, once, in file order."""
+        return np.unique(self.rows[np.isfinite(self.keys)])
 
 
 @dataclass
@@ -192,9 +228,9 @@ class _Stats:
 
 
 def _scan(
-    file: pq.ParquetFile, all_labels: list[str], shown: list[int], k: int, threshold
+    output: Output, all_labels: list[str], shown: list[int], k: int, threshold: float | None
 ) -> _Stats:
-    names = file.schema_arrow.names
+    names = output.names
     score_column = "scores" if "scores" in names else "probs"
     columns = ["root", "path", "status", "error", score_column]
     has_top = "top_labels" in names
@@ -215,7 +251,8 @@ def _scan(
     stats.best, stats.no_tag = _Best(k, n_shown), _Best(k, 1)
     label_set = pa.array(all_labels, pa.string())
     base = 0
-    for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+    rows = max(1, min(BATCH_ROWS, BATCH_CELLS // max(1, n_all)))
+    for batch in output.batches(columns, rows):
         n = batch.num_rows
         status = batch["status"]
         is_error = pc.equal(status, "error").fill_null(False)
@@ -275,7 +312,10 @@ def _errors(stats: _Stats, batch: pa.RecordBatch, is_error: pa.Array) -> None:
         return
     reasons = errors["error"].fill_null("(no reason given)")
     for item in pc.value_counts(reasons).to_pylist():
-        stats.reasons[item["values"]] += item["counts"]
+        reason = item["values"]
+        if reason not in stats.reasons and len(stats.reasons) >= MAX_REASONS:
+            reason = "(other reasons)"
+        stats.reasons[reason] += item["counts"]
     room = MAX_ERROR_ROWS - len(stats.error_rows)
     if room > 0:
         head = errors.slice(0, room)
@@ -288,12 +328,12 @@ def _errors(stats: _Stats, batch: pa.RecordBatch, is_error: pa.Array) -> None:
 
 
 def _matrix(column: pa.Array, width: int) -> np.ndarray:
-    """fixed_size_list<float32>[L] -> (rows, L) float64 with NaN for null lists and null items."""
+    """fixed_size_list<float32>[L] -> (rows, L) float32 with NaN for null lists and null items."""
     n = len(column)
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     values = column.values.slice(column.offset * width, n * width)
-    out = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(n, width)
+    out = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, width)
     if column.null_count:
         out[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
     return out
@@ -312,15 +352,19 @@ def _applied(top_labels: pa.Array, label_set: pa.Array, n: int, n_all: int) -> n
 
 
 def _remember(stats: _Stats, batch: pa.RecordBatch, base: int) -> None:
-    """Keep root and path of the rows still in a gallery; forget the others."""
-    wanted = stats.best.wanted() | stats.no_tag.wanted()
-    stats.files = {row: f for row, f in stats.files.items() if row in wanted}
-    new = sorted(r - base for r in wanted if base <= r < base + batch.num_rows)
-    if new:
+    """Keep root and path of the rows of this batch that entered a gallery; now and then forget
+    those that left (so the dict stays near the size of the galleries)."""
+    n = batch.num_rows
+    wanted = np.concatenate([stats.best.wanted(), stats.no_tag.wanted()])
+    new = np.unique(wanted[(wanted >= base) & (wanted < base + n)]) - base
+    if len(new):
         taken = batch.select(["root", "path"]).take(pa.array(new, pa.int64()))
         pairs = zip(taken["root"].to_pylist(), taken["path"].to_pylist(), strict=True)
-        for row, pair in zip(new, pairs, strict=True):
+        for row, pair in zip(new.tolist(), pairs, strict=True):
             stats.files[base + row] = pair
+    if len(stats.files) > 2 * len(wanted) + 4096:
+        keep = set(wanted.tolist())
+        stats.files = {row: f for row, f in stats.files.items() if row in keep}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,19 +372,22 @@ def _remember(stats: _Stats, batch: pa.RecordBatch, base: int) -> None:
 
 
 def _gallery_files(stats: _Stats) -> list[tuple[str, str]]:
-    rows = sorted(stats.best.wanted() | stats.no_tag.wanted())
+    rows = np.union1d(stats.best.wanted(), stats.no_tag.wanted()).tolist()
     return list(dict.fromkeys(stats.files[r] for r in rows))
 
 
-def _thumbnails(files: list[tuple[str, str]], cfg: ReportConfig, progress: Progress | None):
+def _thumbnails(
+    files: list[tuple[str, str]], roots: Roots, cfg: ReportConfig, progress: Progress | None
+) -> dict[tuple[str, str], str | None]:
     """(root, path) -> a JPEG data URI, or None where the file is gone or unreadable."""
-    base = Path(cfg.source).resolve().parent
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     out: dict[tuple[str, str], str | None] = {}
     if progress:
         progress(0, len(files))
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        jobs = pool.map(lambda f: thumbnail(locate(*f, base), cfg.thumb_size), files)
+        for f in files:
+            roots.resolve(f[0])  # once per root, here: the threads only read
+        jobs = pool.map(lambda f: thumbnail(roots.file(*f), cfg.thumb_size), files)
         for i, (f, uri) in enumerate(zip(files, jobs, strict=True), 1):
             out[f] = uri
             if progress:
@@ -348,30 +395,21 @@ def _thumbnails(files: list[tuple[str, str]], cfg: ReportConfig, progress: Progr
     return out
 
 
-def locate(root: str, path: str, base: Path) -> Path | None:
-    """The file of a row: ROOT/PATH as given to `tag`, else relative to the output's folder."""
-    candidate = Path(root) / path
-    if candidate.exists() or candidate.is_absolute():
-        return candidate
-    beside = base / candidate
-    return beside if beside.exists() else candidate
-
-
 def thumbnail(file: Path | None, side: int) -> str | None:
     """A small JPEG of `file` as a data URI; None if it cannot be read, for whatever reason."""
     from PIL import Image, ImageOps
 
-    from ..inputs.decode import to_rgb
+    from ..inputs.decode import open_to_look, to_rgb
 
     if file is None:
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(file) as img:
+            with open_to_look(file) as img:
                 if img.width * img.height > MAX_THUMB_PIXELS:
                     return None
-                if img.format == "JPEG":
+                if img.format in ("JPEG", "MPO", "HEIF"):
                     img.draft("RGB", (side, side))  # decode at 1/2..1/8 scale: far less work
                 small = to_rgb(ImageOps.exif_transpose(img))
             small.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
@@ -400,7 +438,7 @@ def _context(cfg, meta, all_labels, shown, stats: _Stats, thumbs, notes) -> dict
 
     sections = []
     for j, i in enumerate(shown):
-        keys, rows = stats.best.keys[j], stats.best.rows[j]
+        keys, rows = stats.best.column(j)
         count = int(stats.histograms[j].sum())
         sections.append(
             {
@@ -412,11 +450,16 @@ def _context(cfg, meta, all_labels, shown, stats: _Stats, thumbs, notes) -> dict
                 "images": [card(r, s) for r, s in zip(rows, keys, strict=True)],
             }
         )
-    no_tag = [card(r, -s) for r, s in zip(stats.no_tag.rows[0], stats.no_tag.keys[0], strict=True)]
+    least_sure, rows = stats.no_tag.column(0)
+    no_tag = [card(int(r), -float(s)) for r, s in zip(rows, least_sure, strict=True)]
     tiles = meta.get("tiles", "off")
     if tiles not in (None, "off") and meta.get("tile_overlap") is not None:
         tiles = f"{tiles} (overlap {meta['tile_overlap']})"
-    threshold = meta.get("threshold")
+    threshold, given = _threshold(meta), meta.get("threshold")
+    if given is None:
+        given = "none"
+    elif threshold is None:
+        given = f"{given} (every top-k label passes)"
     facts = [
         ("file", str(cfg.source)),
         ("model", f"{meta.get('model', '?')}" + _revision(meta.get("revision"))),
@@ -424,7 +467,7 @@ def _context(cfg, meta, all_labels, shown, stats: _Stats, thumbs, notes) -> dict
         ("tiles", tiles or "off"),
         ("preprocessing", meta.get("preprocess", "?")),
         ("template", meta.get("template", "?")),
-        ("top-k, threshold", f"{meta.get('top_k', '?')}, {threshold if threshold else 'none'}"),
+        ("top-k, threshold", f"{meta.get('top_k', '?')}, {given}"),
         ("tagged on", meta.get("created", "?")),
         ("omni", meta.get("omni_version", "?")),
         ("galleries ranked by", _score_meaning(stats.score_column, meta)),
@@ -457,7 +500,8 @@ def _context(cfg, meta, all_labels, shown, stats: _Stats, thumbs, notes) -> dict
 def _revision(revision) -> str:
     if not revision or revision in ("unknown", "random"):
         return ""
-    return f" @ {str(revision)[:12]}"
+    shown = str(revision)
+    return f" @ {shown[:19] if shown.startswith('sha256:') else shown[:12]}"  # weights or commit
 
 
 def _score_meaning(column: str, meta: dict) -> str:
@@ -479,7 +523,7 @@ def _histogram(counts: np.ndarray, width: int = 320, height: int = 72) -> dict:
                 "y": round(height - h, 2),
                 "w": round(bar - 1, 2),
                 "h": round(h, 2),
-                "title": f"{lo:.3f}-{hi:.3f}: {count:,} images",
+                "title": f"{lo:.3f}-{hi:.3f}: {_count(count)}",
             }
         )
     return {"width": width, "height": height, "bars": bars}
@@ -492,7 +536,8 @@ def _pairs(stats: _Stats, all_labels: list[str], shown: list[int]) -> dict | Non
     Without one every image has exactly top-k labels, so instead count close calls: images
     whose runner-up label scored at least half their best (row: best, column: runner-up).
     """
-    together = stats.together if stats.threshold else stats.close_calls
+    with_threshold = stats.together is not None  # else close calls, or nothing
+    together = stats.together if with_threshold else stats.close_calls
     if together is None:
         return None
     off = together.copy()
@@ -506,14 +551,14 @@ def _pairs(stats: _Stats, all_labels: list[str], shown: list[int]) -> dict | Non
         for b, j in enumerate(shown):
             value = int(together[a, b])
             if a == b:
-                title = f"{all_labels[i]}: {value:,} images"
-            elif stats.threshold:
-                title = f"{all_labels[i]} and {all_labels[j]}: {value:,} images"
+                title = f"{all_labels[i]}: {_count(value)}"
+            elif with_threshold:
+                title = f"{all_labels[i]} and {all_labels[j]}: {_count(value)}"
             else:
-                title = f"best {all_labels[i]}, runner-up {all_labels[j]}: {value:,} images"
+                title = f"best {all_labels[i]}, runner-up {all_labels[j]}: {_count(value)}"
             cells.append(
                 {
-                    "value": "" if a == b and not stats.threshold else f"{value:,}",
+                    "value": "" if a == b and not with_threshold else f"{value:,}",
                     "alpha": 0.0 if a == b or not value else round(0.1 + 0.9 * value / peak, 3),
                     "diagonal": a == b,
                     "title": title,
@@ -521,7 +566,7 @@ def _pairs(stats: _Stats, all_labels: list[str], shown: list[int]) -> dict | Non
             )
         rows.append({"label": all_labels[i], "cells": cells})
     return {
-        "together": bool(stats.threshold),
+        "together": with_threshold,
         "labels": [all_labels[i] for i in shown],
         "rows": rows,
     }
@@ -538,11 +583,15 @@ def _render(context: dict) -> str:
         lstrip_blocks=True,
     )
     env.filters["images"] = _count
+    # Every value shown: control characters as escapes (markup, such as a macro's, is ours).
+    env.finalize = lambda v: (
+        printable(v) if isinstance(v, str) and not hasattr(v, "__html__") else v
+    )
     return env.get_template("report.html.j2").render(**context)
 
 
 def _count(n: int, one: str = "image", many: str = "images") -> str:
-    return f"{n:,} {one if n == 1 else many}"
+    return plural(n, one, many)
 
 
 def _write_atomic(output: Path, text: str) -> None:

@@ -1,108 +1,57 @@
 """Search: rank the images of an output by similarity to a text or an image, without re-encoding.
 
 `omni tag --save-embeddings` stores every view's embedding (float16, views x dim, flattened) in
-the `embedding` column. `load_index` reads that column once, a batch of rows at a time, into one
-(total views, dim) float16 matrix with no per-row Python, and notes which image each view
-belongs to. A query is encoded by the model named in the file's metadata (only the query: a
-text through the text encoder, or one image's global view through the image encoder), and
-scored against every view with one float16 matrix-vector product (measured fastest here:
-`benchmarks/search_scale.py`). An image's score is the cosine similarity of its best view, so
-with tiles a small object that one tile sees is found.
+the `embedding` column. The first search decodes that column once into a memory-mapped index
+beside the output (`index.py`: one segment per Parquet file, rebuilt only for files that
+changed); later searches read only the index. A query is encoded by the model named in the
+output's metadata (only the query: a text through the text encoder, or one image's global view
+through the image encoder), and scored against every view, chunk by chunk, with float16 matrix
+products (measured fastest here: `benchmarks/search_scale.py`). An image's score is the cosine
+similarity of its best view, so with tiles a small object that one tile sees is found.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..config import ModelConfig
 
 if TYPE_CHECKING:  # torch is imported once a search runs, not to check its options
     import torch
-from ..errors import UsageError
-from .report import open_output
-
-
-@dataclass
-class Index:
-    """Every stored view embedding of one output, and which row each belongs to."""
-
-    source: Path
-    meta: dict
-    roots: pa.Array  # (images,) string, rows that have embeddings
-    paths: pa.Array
-    matrix: torch.Tensor  # (views, dim) float16, L2-normalised (as stored)
-    starts: np.ndarray  # (images,) first view of each image in `matrix`
-    counts: np.ndarray  # (images,) views of each image
-
-    @property
-    def dim(self) -> int:
-        return int(self.matrix.shape[1])
-
-    def __len__(self) -> int:
-        return len(self.starts)
+from ..errors import ModelError, UsageError
+from ..model.hub import check
+from ..model.identity import is_identity
+from .index import Index, Progress, open_index, scores
+from .reader import Roots, open_output
 
 
 @dataclass
 class Hit:
     rank: int
     score: float  # cosine similarity of the image's best view
-    root: str
+    root: str  # as stored
     path: str
     view: int  # which view scored it: 0 the global view, then squares and tiles
+    file: str = ""  # root/path on this machine (relative roots resolved: see reader.Roots)
 
 
-def load_index(source: Path) -> Index:
-    """Read the stored embeddings; UsageError naming the command that stores them if absent."""
-    file, meta = open_output(source)
-    if "embedding" not in file.schema_arrow.names:
-        raise UsageError(
-            f"{source} holds no embeddings: store them with `omni tag PATH... --labels FILE "
-            f"-o {source} --save-embeddings` (this encodes every image once more)"
-        )
-    names = file.read(columns=["root", "path", "views"])  # small and fast
-    upper = int(pc.sum(names["views"]).as_py() or 0)  # views of all rows: room enough
-    matrix, counts, filled, dim = None, [], 0, 0
-    # Row batch by row batch into one preallocated matrix: decoding Parquet float16 is slow
-    # (~35M values/s here) and reading the column whole would need ~4x its size in memory.
-    for batch in file.iter_batches(batch_size=65_536, columns=["views", "embedding"]):
-        embedding = batch["embedding"]
-        lengths = pc.list_value_length(embedding).fill_null(0).to_numpy(zero_copy_only=False)
-        views = batch["views"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        has = lengths > 0
-        if not dim and has.any():
-            dim = int(lengths[has][0] // max(int(views[has][0]), 1))
-            matrix = np.empty((upper, dim), np.float16)
-        if has.any():
-            if np.any(lengths[has] != views[has] * dim):
-                raise UsageError(f"{source}: stored embeddings do not split into views of one size")
-            values = pc.list_flatten(embedding).to_numpy(zero_copy_only=False)
-            n = len(values) // dim
-            matrix[filled : filled + n] = values.reshape(n, dim)
-            filled += n
-        counts.append(lengths // dim if dim else np.zeros(len(lengths), np.int64))
-    if not dim:
-        raise UsageError(f"{source} has an embedding column but no stored embedding in any row")
-    counts = np.concatenate(counts)
-    has = counts > 0
-    keep = pa.array(np.flatnonzero(has))
-    counts = counts[has]
-    import torch
+@dataclass
+class Found:
+    """What `search` returns: the hits, notes for the user, and how the index stood."""
 
-    return Index(
-        source=Path(source),
-        meta=meta,
-        roots=names["root"].combine_chunks().take(keep),
-        paths=names["path"].combine_chunks().take(keep),
-        matrix=torch.from_numpy(matrix[:filled]),  # a view: no copy
-        starts=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
-        counts=counts,
-    )
+    hits: list[Hit]
+    notes: list[str] = field(default_factory=list)
+    index: Index | None = None
+
+
+def load_index(source: Path, progress: Progress | None = None) -> Index:
+    """The output's search index, in step with its files; UsageError naming the command that
+    stores embeddings if it has none."""
+    return open_index(open_output(source), progress)
 
 
 def rank(index: Index, query: torch.Tensor, k: int) -> list[Hit]:
@@ -112,46 +61,60 @@ def rank(index: Index, query: torch.Tensor, k: int) -> list[Hit]:
             f"the query embedding has {query.shape[-1]} dimensions but the stored ones have "
             f"{index.dim}: search with the model that tagged the file (--model)"
         )
-    import torch
-
-    q = torch.nn.functional.normalize(query.float().reshape(-1), dim=0)
-    per_view = (index.matrix @ q.to(index.matrix.dtype)).float().numpy()  # (views,)
-    if len(per_view) == len(index):  # one view per image: no reduction
-        per_image = per_view
-    else:
-        per_image = np.maximum.reduceat(per_view, index.starts)  # best view of each image
-    k = min(k, len(per_image))
-    top = np.argpartition(-per_image, k - 1)[:k] if k < len(per_image) else np.arange(k)
-    top = top[np.lexsort((top, -per_image[top]))]  # best first, then file order
-    roots, paths = index.roots.take(pa.array(top)), index.paths.take(pa.array(top))
+    q = query.detach().float().reshape(-1).cpu().numpy()
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    found = []  # (score, segment, image, view) of each segment's k best
+    for n, segment in enumerate(index.segments):
+        if not len(segment.starts):
+            continue
+        per_view = scores(segment, q)  # (views,)
+        if len(per_view) == len(segment.starts):  # one view per image: no reduction
+            per_image = per_view
+        else:
+            per_image = np.maximum.reduceat(per_view, segment.starts)  # best view of each image
+        m = min(k, len(per_image))
+        top = np.argpartition(-per_image, m - 1)[:m] if m < len(per_image) else np.arange(m)
+        for row in top.tolist():
+            start, count = int(segment.starts[row]), int(segment.counts[row])
+            view = int(np.argmax(per_view[start : start + count]))
+            found.append((float(per_image[row]), n, row, view))
+    found.sort(key=lambda f: (-f[0], f[1], f[2]))  # best first, then file order
     hits = []
-    for i, (row, root, path) in enumerate(
-        zip(top.tolist(), roots.to_pylist(), paths.to_pylist(), strict=True), 1
-    ):
-        start, count = int(index.starts[row]), int(index.counts[row])
-        view = int(np.argmax(per_view[start : start + count]))
-        hits.append(Hit(i, float(per_image[row]), root, path, view))
+    for i, (score, n, row, view) in enumerate(found[:k], 1):
+        keys = index.segments[n].keys
+        root, path = keys["root"][row].as_py(), keys["path"][row].as_py()
+        hits.append(Hit(i, score, root, path, view))
     return hits
 
 
-def query_model(meta: dict, model: str | None, device: str) -> ModelConfig:
-    """The model that made the embeddings, at the stored precision (fp32 on the CPU)."""
+def query_model(meta: dict, model: str | None, device: str,
+                revision: str | None = None) -> ModelConfig:  # fmt: skip
+    """The model that made the embeddings (at its pinned revision), at the stored precision
+    (fp32 on the CPU)."""
     from ..model.precision import resolve_device
 
+    if model is None and revision is None:
+        revision = (meta.get("request") or {}).get("model_revision")
     name = model or meta.get("model")
     if not name:
         raise UsageError("the file's metadata names no model; give one with --model")
+    if model is None:  # the model that made the file is gone: not a usage mistake (exit 1)
+        try:
+            check(name, revision)
+        except UsageError as exc:
+            raise ModelError(f"{exc} (the model the file names); give one with --model") from None
     stored = meta.get("precision")
     where = resolve_device(device)
     if where.type == "cpu":
         precision = "fp32"  # one query: fp32 is cheap and needs no bf16 support
     else:
         precision = stored if stored in ("fp32", "fp16", "bf16") else "auto"
-    return ModelConfig(model=name, device=device, precision=precision, batch=1)
+    return ModelConfig(model=name, device=device, precision=precision, batch=1, revision=revision)
 
 
 def encode_query(meta: dict, *, text: str | None, image: Path | None, model: str | None = None,
-                 device: str = "auto") -> tuple[torch.Tensor, list[str]]:  # fmt: skip
+                 device: str = "auto",
+                 revision: str | None = None) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
     """Encode a text or one image's global view; returns (dim,) float32 on the CPU and notes."""
     from ..errors import DecodeError
     from ..inputs.decode import load
@@ -161,13 +124,14 @@ def encode_query(meta: dict, *, text: str | None, image: Path | None, model: str
         raise UsageError("give a text query or --image, not both and not neither")
     if image is not None and not Path(image).is_file():
         raise UsageError(f"--image: no such file: {image}")
-    enc = load_encoder(query_model(meta, model, device), exact=meta.get("preprocess") == "exact")
+    cfg = query_model(meta, model, device, revision)
+    enc = load_encoder(cfg, exact=meta.get("preprocess") == "exact")
     notes = []
-    stored = meta.get("revision")
-    if stored and stored not in ("unknown", "random") and enc.revision != stored:
+    stored = meta.get("revision")  # the weights' identity (older outputs: a hub commit)
+    if is_identity(stored) and enc.revision != stored:
         notes.append(
-            f"model {enc.model_id} is at revision {enc.revision}, the embeddings were made at "
-            f"{stored}: scores may be off"
+            f"model {enc.model_id} is {enc.revision}, the embeddings were made by {stored} "
+            "(other weights or preprocessing): scores may be off"
         )
     if text is not None:
         return enc.encode_texts([text])[0].cpu(), notes
@@ -189,8 +153,10 @@ def search(
     k: int = 20,
     model: str | None = None,
     device: str = "auto",
-) -> tuple[list[Hit], list[str]]:
-    """Load the index, encode the query, rank: the library form of `omni search`."""
+    revision: str | None = None,
+    progress: Progress | None = None,
+) -> Found:
+    """Bring the index in step, encode the query, rank: the library form of `omni search`."""
     if k < 1:
         raise UsageError("-k must be at least 1")
     if (text is None) == (image is None):
@@ -198,6 +164,12 @@ def search(
     if text is not None and not text.strip():
         raise UsageError("the query is empty")
     ModelConfig(device=device)  # a bad --device fails before any work
-    index = load_index(source)
-    query, notes = encode_query(index.meta, text=text, image=image, model=model, device=device)
-    return rank(index, query, k), notes
+    output = open_output(source)
+    index = open_index(output, progress)
+    query, notes = encode_query(index.meta, text=text, image=image, model=model, device=device,
+                                revision=revision)  # fmt: skip
+    hits = rank(index, query, k)
+    roots = Roots.of(output)
+    for hit in hits:
+        hit.file = str(roots.file(hit.root, hit.path))
+    return Found(hits, notes + roots.missing_notes(), index)

@@ -8,9 +8,12 @@ prompts, and its image processor is its family's hub default; the scores mean no
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ModelError
+
+if TYPE_CHECKING:  # imported where a model is built: the CLI reads ARCHS for its help
+    import torch
 
 ARCHS: dict[str, dict] = {
     "vit-b-32": {
@@ -89,6 +92,7 @@ def build(model: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
     the CPU's seconds. The weights depend on the device's random generator, not on the seed
     alone; they only need to time and fill memory like the real ones.
     """
+    import torch
     from transformers import CLIPModel, SiglipModel
 
     torch.manual_seed(0)
@@ -128,13 +132,18 @@ class ByteTokenizer:
                  offset: int = 0, mask: bool = True):  # fmt: skip
         self.bos, self.eos, self.length, self.offset, self.mask = bos, eos, length, offset, mask
 
-    def __call__(self, texts, padding=True, truncation=True, return_tensors="pt"):
+    def __call__(self, texts, padding=True, truncation=True, return_tensors="pt",
+                 max_length=None, verbose=True):  # fmt: skip
+        import torch
         from transformers import BatchEncoding
 
         start = [] if self.bos is None else [self.bos]
-        room = self.length - len(start) - 1
+        length = min(self.length, max_length or self.length)
+        room = length - len(start) - 1 if truncation else None
         rows = [[*start, *(b + self.offset for b in t.encode()[:room]), self.eos] for t in texts]
-        width = self.length if padding == "max_length" else max(map(len, rows))
+        if return_tensors is None:  # lists, as a transformers tokenizer returns them
+            return {"input_ids": rows}
+        width = length if padding == "max_length" else max(map(len, rows))
         ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):

@@ -49,6 +49,7 @@ class Encoder:
     revision: str
     batch: int  # views per forward
     text_padding: str | bool = True
+    text_length: int | None = None  # tokens a prompt may have (the text model's positions)
     on_backoff: Callable[[int], None] | None = None
 
     @property
@@ -56,8 +57,12 @@ class Encoder:
         return compute_dtype(self.precision, self.device)
 
     @property
-    def cache_key(self) -> str:
-        """What a cached label matrix depends on: the model, its precision and the device kind."""
+    def cache_key(self) -> str | None:
+        """What a cached label matrix depends on: the model's identity (its weights and
+        preprocessing), its precision and the device kind. None (do not cache) when the
+        identity is unknown."""
+        if not self.revision or self.revision == "unknown":
+            return None
         return f"{self.model_id}@{self.revision}|{self.precision}|{self.device.type}"
 
     @torch.inference_mode()
@@ -98,11 +103,22 @@ class Encoder:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Prompts -> (n, dim) float32, L2-normalised, on the device."""
-        tokens = self.tokenizer(
-            texts, padding=self.text_padding, truncation=True, return_tensors="pt"
-        ).to(self.device)
-        feats = _pooled(self.model.get_text_features(**tokens))
+        tokens = self.tokenizer(texts, padding=self.text_padding, truncation=True,
+                                max_length=self.text_length, return_tensors="pt")  # fmt: skip
+        feats = _pooled(self.model.get_text_features(**tokens.to(self.device)))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def too_long(self, texts: list[str]) -> list[int]:
+        """Indexes of the texts longer than `text_length` tokens (encode_texts cuts them)."""
+        if not self.text_length:
+            return []
+        # A token covers at least one byte: only texts about that long can be too long.
+        suspects = [i for i, t in enumerate(texts) if len(t.encode()) + 4 > self.text_length]
+        if not suspects:
+            return []
+        ids = self.tokenizer([texts[i] for i in suspects], padding=False, truncation=False,
+                             return_tensors=None, verbose=False)["input_ids"]  # fmt: skip
+        return [i for i, row in zip(suspects, ids, strict=True) if len(row) > self.text_length]
 
 
 def _pooled(output) -> torch.Tensor:

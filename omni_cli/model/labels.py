@@ -5,13 +5,17 @@ are ignored, a duplicate label is an error that names both line numbers, and a l
 `label: prompt one | prompt two` gives that label its own prompts instead of the template.
 `classifier()` turns the prompts into one `(dim, labels)` matrix, the way open_clip's
 zero-shot classifier does: fill templates, encode, L2-normalise, average per label, normalise
-again. The matrix is cached on disk, keyed by the model and the exact prompts. Next to it, for
+again. The matrix is cached on disk, keyed by the model's identity (its weights and
+preprocessing, identity.py), precision, device kind and the exact prompts. Next to it, for
 CLIP's per-label scores (scoring.label_scores), each label's baseline: its similarity to
-content-free images (flat greys, `neutral_pixels`), from one embedding cached per model.
+content-free images (flat greys, `neutral_pixels`), from one embedding cached per model. A
+cache file that does not load or does not match its key, shape or dtype is recomputed and
+rewritten (atomically): the cache only ever saves time, it never stops a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +28,7 @@ if TYPE_CHECKING:  # torch is imported where a classifier is built: parsing labe
     import torch
 
 from ..errors import LabelsError, UsageError
+from .identity import cache_dir
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -133,6 +138,17 @@ def prompts_for(labels: Sequence[Label], template: str) -> list[tuple[str, ...]]
     return [lab.prompts or tuple(t.replace("{}", lab.name) for t in templates) for lab in labels]
 
 
+def long_labels(
+    names: Sequence[str],
+    prompts: Sequence[tuple[str, ...]],
+    too_long: Callable[[list[str]], list[int]],
+) -> list[str]:
+    """The labels with a prompt that `too_long` (indexes of the texts it would cut) flags."""
+    owner = [i for i, group in enumerate(prompts) for _ in group]
+    flagged = {owner[j] for j in too_long([p for group in prompts for p in group])}
+    return [names[i] for i in sorted(flagged)]
+
+
 def classifier(
     encode_texts: Callable[[list[str]], torch.Tensor],
     prompts: Sequence[tuple[str, ...]],
@@ -176,18 +192,10 @@ def neutral_pixels(size: int) -> torch.Tensor:
     return levels.expand(-1, 3, size, size).contiguous()
 
 
-def cache_dir() -> Path:
-    """Where label matrices are cached: $OMNI_CACHE_DIR, else $XDG_CACHE_HOME/omni."""
-    if os.environ.get("OMNI_CACHE_DIR"):
-        return Path(os.environ["OMNI_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "omni"
-
-
 def cached_classifier(
     encode_texts: Callable[[list[str]], torch.Tensor],
     prompts: Sequence[tuple[str, ...]],
-    model_key: str,
+    model_key: str | None,
 ) -> tuple[torch.Tensor, bool]:
     """`classifier()` behind an on-disk cache; returns (matrix on CPU, whether it was cached).
 
@@ -202,7 +210,7 @@ def cached_classifier(
 
 
 def cached_neutral(
-    encode_images: Callable[[torch.Tensor], torch.Tensor], size: int, model_key: str
+    encode_images: Callable[[torch.Tensor], torch.Tensor], size: int, model_key: str | None
 ) -> tuple[torch.Tensor, bool]:
     """The mean embedding (dim,) of the content-free images, cached per model like the matrix.
 
@@ -217,22 +225,34 @@ def cached_neutral(
 
 
 def _cached(kind: str, key, valid: Callable[[torch.Tensor], bool], compute):
+    """`compute()` behind a file keyed by `key`, whose first item is the model's cache key
+    (None: not cached); returns (value on the CPU, whether it came from the cache)."""
+    if key[0] is None:  # the model's identity is unknown: nothing to key a cache by
+        return compute().cpu(), False
     import torch
 
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
-    path = cache_dir() / kind / f"{digest}.pt"
+    text = json.dumps(key)
+    path = cache_dir() / kind / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt"
     try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(value, torch.Tensor) and valid(value):
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        value = stored.get("value") if isinstance(stored, dict) else None
+        if (
+            isinstance(value, torch.Tensor)
+            and stored.get("key") == text
+            and value.dtype == torch.float32
+            and valid(value)
+            and bool(torch.isfinite(value).all())
+        ):
             return value, True
-    except (OSError, RuntimeError, ValueError, EOFError):
+    except Exception:  # missing, truncated, garbage, another format: compute it again
         pass
-    value = compute().cpu()
+    value = compute().float().cpu()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(value, tmp)
+        torch.save({"key": text, "value": value}, tmp)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except Exception:  # a full disk or a read-only cache: the next run computes it again
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return value, False

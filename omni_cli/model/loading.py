@@ -21,7 +21,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ModelError, UsageError
 from ..inputs.decode import Preprocess
-from . import archs, hub
+from . import archs, hub, identity
 from .encoder import Encoder, is_out_of_memory
 from .precision import compute_dtype, resolve_device, resolve_precision
 
@@ -50,11 +50,11 @@ def load_encoder(cfg: ModelConfig, *, exact: bool = False) -> Encoder:
 
 
 def _load_pretrained(cfg, device, precision, exact, max_gpu_memory) -> Encoder:
-    source = hub.resolve(cfg.model)
+    source = hub.resolve(cfg.model, cfg.revision)
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     kwargs = load_kwargs(precision, device, max_gpu_memory)
-    common = {"trust_remote_code": False, "local_files_only": source.local_only}
+    common = pretrained_kwargs(source)
     try:
         with quiet():
             model = AutoModel.from_pretrained(source.name, **kwargs, **common, use_safetensors=True)
@@ -67,7 +67,18 @@ def _load_pretrained(cfg, device, precision, exact, max_gpu_memory) -> Encoder:
     model.eval()
     if "device_map" not in kwargs:  # bitsandbytes and offloaded models are placed by the loader
         model = quantise(model.to(device), precision, device)
-    return _assemble(cfg, model, tokenizer, processor, device, precision, exact, source.name)
+    return _assemble(cfg, model, tokenizer, processor, device, precision, exact, source)
+
+
+def pretrained_kwargs(source: hub.Source) -> dict:
+    """What every `from_pretrained` of a model gets: no remote code, offline or not, the
+    pinned revision and the hub cache its identity is read from."""
+    kwargs = {"trust_remote_code": False, "local_files_only": source.local_only}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    if source.cache_dir:
+        kwargs["cache_dir"] = source.cache_dir
+    return kwargs
 
 
 def _uses_bitsandbytes(precision: str, device: torch.device) -> bool:
@@ -223,10 +234,21 @@ def _assemble(cfg, model, tokenizer, processor, device, precision, exact, source
         logit_scale=float(model.logit_scale.detach().float().exp()),
         logit_bias=float(bias.detach().float()) if siglip and bias is not None else None,
         model_id=hub.canonical(cfg.model),
-        revision=_revision(source, model) if source else "random",
+        revision=_identity(cfg, source, model) if source else "random",
         batch=cfg.batch or DEFAULT_BATCH.get(device.type, 32),
         text_padding="max_length" if siglip else True,
+        text_length=text_length(model, tokenizer),
     )
+
+
+def text_length(model, tokenizer) -> int | None:
+    """Tokens a prompt may have: the text model's positions, or the tokenizer's own limit when
+    smaller (a tokenizer's `model_max_length` is often unset, i.e. huge, or too large)."""
+    text = getattr(model.config, "text_config", None) or model.config
+    limits = [getattr(text, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]  # fmt: skip
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
 
 
 def preprocess_from(processor, *, exact: bool) -> Preprocess:
@@ -250,9 +272,14 @@ def _get(obj, key):
     return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
 
 
-def _revision(source: str, model) -> str:
+def _identity(cfg: ModelConfig, source: hub.Source, model) -> str:
+    """The identity (identity.py) of the files loaded: a local folder's, or the hub snapshot's
+    that transformers read (its commit), as `hub.identity` computes it before loading."""
+    if not source.cache_dir:
+        return identity.identity(source.name) or "unknown"
     commit = getattr(model.config, "_commit_hash", None)
-    return str(commit) if commit else hub.local_revision(source) or "unknown"
+    folder = hub.snapshot(cfg.model, commit or cfg.revision)
+    return (identity.identity(folder) if folder else None) or "unknown"
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ def request(cfg: TagConfig, labels: Sequence, prompts) -> dict:
     unchanged files give the same output, so a rerun can stop before loading anything."""
     asked = {
         "model": hub.canonical(cfg.model.model),
-        "revision": hub.revision(cfg.model.model),
+        "revision": hub.identity(cfg.model.model, cfg.model.revision),  # weights, not commit
         "precision": cfg.model.precision,
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
@@ -60,6 +60,7 @@ def request(cfg: TagConfig, labels: Sequence, prompts) -> dict:
     return {
         # stored under these names since the first version that stored a request
         **{("embeddings" if k == "embedding" else k): v for k, v in asked.items()},
+        "model_revision": cfg.model.revision,  # --revision: the hub revision pinned
         "max_pixels": cfg.decode.max_pixels,
         "omni_version": __version__,
     }

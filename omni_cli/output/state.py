@@ -45,6 +45,7 @@ from ..config import TagConfig
 from ..errors import InputUnreadable, OutputError, UsageError
 from ..inputs.listing import Files
 from ..inputs.sources import FileEntry, Unlisted, printable
+from ..model import hub, identity
 from . import archive, layout
 from .archive import Part
 from .identity import ENCODING, IDENTITY, SCORING, TOPS, differences, fingerprint
@@ -224,7 +225,7 @@ def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array, done
             f"{output} exists but is not an omni output; nothing was touched "
             "(use another --output, or --full to replace it)"
         )
-    have = fingerprint(meta)
+    have = identity.reconcile(fingerprint(meta), want, hub.snapshot)  # weights changed?
     changed = differences(have, want, ENCODING)
     if changed:
         raise UsageError(
@@ -299,7 +300,7 @@ def _resume(partial: Path, want: dict, now: pa.Array, cfg: TagConfig) -> tuple |
             meta = layout.metadata(partial)
         else:  # flushed by an omni that kept the metadata in every part
             meta = layout.file_metadata(pq.read_metadata(parts[0]))
-        have = fingerprint(meta or {})
+        have = identity.reconcile(fingerprint(meta or {}), want, hub.snapshot)
         changed = differences(have, want, IDENTITY)
         if changed and cfg.full:
             return None

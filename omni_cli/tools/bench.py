@@ -223,7 +223,8 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
         pool, views = [], 1.0
         for mode in modes if "decode" in cfg.stages or "encoder" in cfg.stages else []:
             note(f"decode only ({mode}): {len(entries)} images, {workers} workers")
-            stage, got, views = _decode_stage(entries, spec, encoder, workers, mode)
+            stage, got, views = _decode_stage(entries, spec, encoder, workers, mode,
+                                              helper=cfg.workers is None)  # fmt: skip
             pool = pool or got
             if "decode" in cfg.stages:
                 found.append(stage)
@@ -269,7 +270,7 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _decode_stage(entries, spec, encoder, workers, mode):
+def _decode_stage(entries, spec, encoder, workers, mode, helper=False):
     """The loader and feeder alone, as `tag` builds them for `mode`; no encoder.
 
     Returns the stage, up to ENCODER_POOL views for the encoder stage, and views per image.
@@ -284,7 +285,7 @@ def _decode_stage(entries, spec, encoder, workers, mode):
     with PeakMemory(device) as mem:
         started = time.perf_counter()
         loader = make_loader(entries, spec, files=files, workers=workers,
-                             pin=device.type == "cuda", split=split)  # fmt: skip
+                             pin=device.type == "cuda", split=split, helper=helper)  # fmt: skip
         feeder = Feeder(loader, spec, device, encoder.batch, decoder=decoder, split=split,
                         adapt=adapt)  # fmt: skip
         for fed in feeder:
@@ -348,7 +349,7 @@ def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device, mo
     decode = DecodeConfig(decoder=_DECODER[mode], exact=cfg.exact, tiles=cfg.tiles,
                           tile_overlap=cfg.tile_overlap)  # fmt: skip
     tag_cfg = TagConfig(inputs=(folder,), labels_file=labels, output=out, model=cfg.model,
-                        decode=decode, workers=workers, resume=False, full=True)  # fmt: skip
+                        decode=decode, workers=cfg.workers, resume=False, full=True)  # fmt: skip
     with PeakMemory(device) as mem:
         result = tag(tag_cfg)
     out.unlink(missing_ok=True)
@@ -368,7 +369,7 @@ def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
 
     from .synthetic import LABELS
 
-    model, processor, tokenizer = _naive_model(cfg.model.model, device)
+    model, processor, tokenizer = _naive_model(cfg.model.model, device, cfg.model.revision)
     siglip = model.config.model_type.startswith("siglip")
     texts = [f"a photo of a {label}." for label in LABELS]
     paths = [e.path for e in entries[: cfg.baseline_images]]
@@ -391,7 +392,7 @@ def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
     return StageResult("baseline", "naive loop", len(paths), seconds, mem.peak, "fp32", NAIVE_BATCH)
 
 
-def _naive_model(model_id: str, device: torch.device):
+def _naive_model(model_id: str, device: torch.device, revision: str | None = None):
     """(model fp32, image processor, tokenizer) the way the guide loads them, for any
     CLIP-style model (`AutoModel`: CLIP, SigLIP, ...).
 
@@ -402,13 +403,13 @@ def _naive_model(model_id: str, device: torch.device):
 
     from ..model import archs
     from ..model.hub import resolve
-    from ..model.loading import quiet
+    from ..model.loading import pretrained_kwargs, quiet
 
     if archs.is_random(model_id):  # no files exist for these: the family's hub defaults
         model = archs.build(model_id, torch.float32, device).eval()
         return model, archs.processor(model_id), archs.tokenizer(model_id)
-    source = resolve(model_id)
-    common = {"trust_remote_code": False, "local_files_only": source.local_only}
+    source = resolve(model_id, revision)
+    common = pretrained_kwargs(source)
     with quiet():
         model = AutoModel.from_pretrained(
             source.name, dtype=torch.float32, use_safetensors=True, **common

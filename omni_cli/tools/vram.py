@@ -87,7 +87,7 @@ class Report:
 def estimate(cfg: VramConfig) -> Report:
     """The memory model for every precision in `cfg`; measures too with `cfg.measure`."""
     device = _device(cfg.device)
-    config = model_config(cfg.model)
+    config = model_config(cfg.model, cfg.revision)
     meta = meta_model(config)
     vision = config.vision_config
     views = views_per_image(cfg.tiles, cfg.image, cfg.tile_overlap, vision.image_size)
@@ -119,19 +119,18 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_config(model: str):
+def model_config(model: str, revision: str | None = None):
     """The model's config, from `random:NAME`, a local folder or the hub; no weights read."""
     if archs.is_random(model):
         return archs.config_for(model)
     from transformers import AutoConfig
 
     from ..model.hub import resolve
+    from ..model.loading import pretrained_kwargs
 
     try:
-        source = resolve(model)
-        return AutoConfig.from_pretrained(
-            source.name, trust_remote_code=False, local_files_only=source.local_only
-        )
+        source = resolve(model, revision)
+        return AutoConfig.from_pretrained(source.name, **pretrained_kwargs(source))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config of {model}: {str(exc).splitlines()[0]}") from None
 
@@ -257,37 +256,41 @@ def _measure_row(cfg: VramConfig, precision: str, device: torch.device, views: i
     measured = {}
     for batch in cfg.batches:
         try:
-            measured[batch] = measure_peak(cfg.model, precision, device, batch)
+            measured[batch] = measure_peak(cfg.model, precision, device, batch, cfg.revision)
         except torch.OutOfMemoryError:
             break  # larger batches do not fit either
     return measured, note
 
 
-def measure_peak(model: str, precision: str, device: torch.device, views: int) -> int:
+def measure_peak(model: str, precision: str, device: torch.device, views: int,
+                 revision: str | None = None) -> int:  # fmt: skip
     """Measured peak bytes (weights + activations) of one forward over `views` blank views.
 
     CUDA: `max_memory_allocated` in this process. CPU: a fresh process (see `_cpu_probe`).
     """
     if device.type == "cuda":
-        return _cuda_probe(model, precision, device, views)
+        return _cuda_probe(model, precision, device, views, revision)
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_cpu_probe, (model, precision, views))
+        return pool.apply(_cpu_probe, (model, precision, views, revision))
 
 
-def _load(model: str, precision: str, device: str):
+def _load(model: str, precision: str, device: str, revision: str | None = None):
     from ..config import ModelConfig
     from ..model.loading import load_encoder
 
-    return load_encoder(ModelConfig(model=model, device=device, precision=precision, batch=1 << 20))
+    cfg = ModelConfig(model=model, device=device, precision=precision, batch=1 << 20,
+                      revision=revision)  # fmt: skip
+    return load_encoder(cfg)
 
 
-def _cuda_probe(model: str, precision: str, device: torch.device, views: int) -> int:
+def _cuda_probe(model: str, precision: str, device: torch.device, views: int,
+                revision: str | None = None) -> int:  # fmt: skip
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    enc = _load(model, precision, str(device))
+    enc = _load(model, precision, str(device), revision)
     side = enc.preprocess.size
     pixels = torch.zeros(views, 3, side, side, dtype=torch.uint8)
     with torch.inference_mode():
@@ -300,7 +303,7 @@ def _cuda_probe(model: str, precision: str, device: torch.device, views: int) ->
     return int(peak)
 
 
-def _cpu_probe(model: str, precision: str, views: int) -> int:
+def _cpu_probe(model: str, precision: str, views: int, revision: str | None = None) -> int:
     """In a fresh process: tensor bytes of the loaded model + peak RSS growth of a forward.
 
     glibc is told to serve every block over 64 KiB by mmap, so freed activations leave the
@@ -312,7 +315,7 @@ def _cpu_probe(model: str, precision: str, views: int) -> int:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
     libc.mallopt(-1, 64 << 10)  # M_TRIM_THRESHOLD
-    enc = _load(model, precision, "cpu")
+    enc = _load(model, precision, "cpu", revision)
     side = enc.preprocess.size
     pixels = torch.zeros(views, 3, side, side, dtype=torch.uint8)
     with torch.inference_mode():
