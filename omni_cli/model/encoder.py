@@ -17,19 +17,8 @@ import torch
 
 from ..errors import ModelError
 from ..inputs.decode import Preprocess
+from ..inputs.devdecode import is_out_of_memory  # one definition, for decoder and encoder
 from .precision import compute_dtype
-
-# What a CUDA allocation failure says when it surfaces from cuBLAS or cuDNN instead of
-# PyTorch's allocator (a RuntimeError, not a torch.OutOfMemoryError).
-_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")  # fmt: skip
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for every way a device reports that an allocation failed."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
 @dataclass

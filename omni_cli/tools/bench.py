@@ -190,13 +190,14 @@ def run_bench(cfg: BenchConfig, on_note: Callable[[str], None] | None = None) ->
 
 
 def decode_modes(decode: str, device: torch.device, exact: bool) -> list[str]:
-    """The decode modes to time: `all` on a CUDA machine with nvJPEG is cpu, gpu and hybrid."""
+    """The decode modes to time: `all` on a CUDA machine with a device JPEG decoder (nvImageCodec
+    or torchvision's nvJPEG) is cpu, gpu and hybrid."""
     if exact or device.type != "cuda":
         return ["cpu"]
     if decode == "all":
-        from ..inputs.devdecode import nvjpeg_decoder
+        from ..inputs.devdecode import device_decoder
 
-        return ["cpu", "gpu", "hybrid"] if nvjpeg_decoder() else ["cpu"]
+        return ["cpu", "gpu", "hybrid"] if device_decoder(device) else ["cpu"]
     return [{"auto": "hybrid"}.get(decode, decode)]
 
 
