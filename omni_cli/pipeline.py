@@ -66,6 +66,7 @@ class TagResult:
     device_decoded: int = 0  # files whose JPEG the device decoded
     cpu_share: float | None = None  # final share of batches the CPU workers decoded (hybrid)
     times: dict[str, float] = field(default_factory=dict)  # seconds per activity: where it went
+    runtime: str = ""  # what ran the image encoder (model/runtimes.py)
     unchanged: bool = False  # nothing to do: the output was left as it was
 
     @property
@@ -105,6 +106,7 @@ def tag(
         feeder = make_feeder(cfg, encoder, plan.todo, jpeg_decoder)
         result = write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder, tagger)
         result.times = {**feeder.times, **tagger.times}
+        result.runtime = encoder.runtime
         return result
 
 
@@ -289,6 +291,7 @@ def run_metadata(
         "model": encoder.model_id,
         "revision": encoder.revision,
         "precision": encoder.precision,
+        "runtime": encoder.runtime,
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
         "tile_overlap": cfg.decode.tile_overlap,

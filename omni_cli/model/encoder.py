@@ -39,6 +39,8 @@ class Encoder:
     batch: int  # views per forward
     text_padding: str | bool = True
     on_backoff: Callable[[int], None] | None = None
+    runtime: str = "eager"  # what runs the vision tower (runtimes.py)
+    vision: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the model, eagerly
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,7 +83,10 @@ class Encoder:
         """One forward of (n, 3, H, W) uint8 views -> (n, dim) float32, L2-normalised."""
         x = chunk.to(self.device, non_blocking=True).float().div_(255.0)
         x = ((x - self.mean) / self.std).to(self.dtype)
-        feats = _pooled(self.model.get_image_features(pixel_values=x))
+        if self.vision is not None:
+            feats = self.vision(x).to(self.device)
+        else:
+            feats = _pooled(self.model.get_image_features(pixel_values=x))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
     @torch.inference_mode()
