@@ -26,6 +26,7 @@ from .conftest import LABELS, MODEL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GIB = 1 << 30
+SKIP = pytest.mark.skip(reason="no runtime besides eager on this GPU")
 
 
 @contextlib.contextmanager
@@ -136,3 +137,25 @@ def test_batch_auto_probes_what_fits():
         assert enc.batch < 512 and enc.batch & (enc.batch - 1) == 0
         with torch.inference_mode():  # and it fits
             enc.forward(torch.zeros(enc.batch, 3, 224, 224, dtype=torch.uint8))
+
+
+def _cuda_runtimes() -> list[str]:
+    from omni_cli.model.runtimes import installed
+
+    return [r for r in installed(CUDA) if r != "eager"] if CUDA else []
+
+
+@pytest.mark.parametrize("runtime", _cuda_runtimes() or [pytest.param("compile", marks=SKIP)])
+def test_cuda_runtimes_agree_with_eager(runtime):
+    """torch.compile (and TensorRT / ONNX Runtime where installed) on CUDA, bf16: within the
+    fast path's tolerance of eager, the same top labels (as tests/test_runtimes.py on the CPU)."""
+    from .test_runtimes import views
+
+    sims = {}
+    for name in ("eager", runtime):
+        enc = load_encoder(ModelConfig(model=str(MODEL), device="cuda", precision="bf16",
+                                       batch=8, runtime=name))  # fmt: skip
+        texts = enc.encode_texts([f"a photo of a {label}." for label in LABELS])
+        sims[name] = (enc.encode_images(views()) @ texts.T).float().cpu()
+    assert (sims[runtime] - sims["eager"]).abs().max() < 0.02
+    assert torch.equal(sims[runtime].argmax(-1), sims["eager"].argmax(-1))

@@ -15,12 +15,14 @@ size are resampled together. Resampling is bilinear with antialiasing, as the CP
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from . import tiling
 from .decode import Preprocess, crop_box, resized
 
@@ -46,8 +48,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def device_decoder(device: torch.device, backend: str = "auto") -> JpegDecoder | None:
     """The device JPEG decoder to use: nvImageCodec where installed, else torchvision's nvJPEG.
 
-    `backend` names one of BACKENDS to use only that one. None where none loads.
+    `backend` (or, for `auto`, $OMNI_JPEG_DECODER) names one of BACKENDS to use only that one.
+    None where none loads.
     """
+    if backend == "auto":
+        backend = os.environ.get("OMNI_JPEG_DECODER", "auto")
+    if backend not in ("auto", *BACKENDS):
+        raise UsageError(f"OMNI_JPEG_DECODER must be one of {', '.join(BACKENDS)}, not {backend}")
     makers = {"nvimgcodec": nvimgcodec_decoder, "torchvision": nvjpeg_decoder}
     for name in BACKENDS if backend == "auto" else (backend,):
         decoder = makers[name](device)
