@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="default: as `omni tag`")
     ap.add_argument("--batch", type=int, default=None, help="views per forward; default auto")
     ap.add_argument("--baseline-images", type=int, default=64, help="images for the naive loop")
-    ap.add_argument("--copies", type=int, default=3, help="hard-linked copies of the 1080p set")
+    ap.add_argument("--copies", type=int, default=2, help="hard-linked copies of the 1080p set")
     ap.add_argument("--only", default=None, help="run only the runs whose name contains this")
     ap.add_argument("--probe", action="store_true", help="also time each decoder alone, in memory")
     ap.add_argument("--no-candidates", action="store_true", help="skip runs 4 and 5")
@@ -129,9 +129,23 @@ def main() -> None:
         action="store_true",
         help="also time ViT-L/14 tag (gpu) with the feeding thread and without it",
     )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: start no further run after this (gpu_check.sh's budget)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     console = Console(highlight=False, width=150)
+    begun = time.perf_counter()
+
+    def late(name: str) -> bool:
+        if args.deadline is None or time.perf_counter() - begun < args.deadline:
+            return False
+        console.print(f"\n{name}: skipped, past --deadline {args.deadline:.0f} s")
+        return True
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_bench.py needs a CUDA GPU (or --device cpu for a dry run)")
@@ -151,7 +165,7 @@ def main() -> None:
             probe_decoders(folders["1080p"], console, device)
         precision = "bf16" if device.type == "cuda" else "auto"
         for name, model, folder, tiles, baseline, runtimes in RUNS:
-            if args.only and args.only not in name:
+            if (args.only and args.only not in name) or late(name):
                 continue
             cfg = BenchConfig(
                 model=ModelConfig(model=args.model or model, device=args.device,
@@ -163,13 +177,20 @@ def main() -> None:
             report = _run(console, name, cfg)
             if report is not None:
                 reports[name] = report
+                save(args.json, reports)
+        targets(console, reports)  # now, in case the candidates outlast the time allowed
         if not args.no_candidates:
-            candidates(console, folders, args, precision, reports)
+            candidates(console, folders, args, precision, reports, late)
         if args.ab_thread:
             ab_thread(console, folders, args)
     targets(console, reports)
-    if args.json:
-        args.json.write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+    save(args.json, reports)
+
+
+def save(path: Path | None, reports: dict) -> None:
+    """The reports so far as JSON (after every run: a run cut short keeps the others')."""
+    if path is not None:
+        path.write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
 
 
 def _run(console: Console, name: str, cfg: BenchConfig):
@@ -189,7 +210,8 @@ def _run(console: Console, name: str, cfg: BenchConfig):
     return report
 
 
-def candidates(console: Console, folders: dict, args, precision: str, reports: dict) -> None:
+def candidates(console: Console, folders: dict, args, precision: str, reports: dict,
+               late) -> None:  # fmt: skip
     """Runs 4 and 5: ViT-L/14 `tag` with each device decoder other than the default, and with
     each encoder runtime other than eager (the default decode)."""
     from omni_cli.inputs.devdecode import BACKENDS, device_decoder
@@ -204,6 +226,8 @@ def candidates(console: Console, folders: dict, args, precision: str, reports: d
         if device_decoder(device, backend) is None:
             console.print(f"\n{backend}: not available")
             continue
+        if late(f"decoder {backend}"):
+            continue
         os.environ["OMNI_JPEG_DECODER"] = backend
         try:
             for mode in ("gpu", "auto"):
@@ -216,11 +240,14 @@ def candidates(console: Console, folders: dict, args, precision: str, reports: d
                 report = _run(console, f"vit-l-14 1080p, decoder {backend}, --decode {mode}", cfg)
                 if report is not None:
                     reports[f"vit-l-14 1080p {backend} {mode}"] = report
+                    save(args.json, reports)
         finally:
             del os.environ["OMNI_JPEG_DECODER"]
     for runtime in installed(device):
         if runtime == "eager" or (device.type == "cpu" and runtime == "compile"):
             continue  # compiling on a CPU takes minutes: not for a dry run
+        if late(f"runtime {runtime}"):
+            continue
         cfg = BenchConfig(
             model=ModelConfig(model=model, device=args.device, precision=precision,
                               batch=args.batch, runtime=runtime),
@@ -229,6 +256,7 @@ def candidates(console: Console, folders: dict, args, precision: str, reports: d
         report = _run(console, f"vit-l-14 1080p, --runtime {runtime}", cfg)
         if report is not None:
             reports[f"vit-l-14 1080p runtime {runtime}"] = report
+            save(args.json, reports)
 
 
 def ab_thread(console: Console, folders: dict, args) -> None:
