@@ -15,6 +15,7 @@ size are resampled together. Resampling is bilinear with antialiasing, as the CP
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -104,14 +105,30 @@ def _chw(image, device: torch.device) -> torch.Tensor:
 
 def nvimgcodec_decoder(device: torch.device) -> JpegDecoder | None:
     """nvImageCodec's decoder on `device`, or None where it is not installed or cannot start."""
+    with _stderr_silenced():  # its extensions for other formats complain when their libraries
+        try:  # are missing (nvJPEG2000, nvTIFF): omni asks it for JPEGs only
+            from nvidia import nvimgcodec
+
+            return NvImageCodec(nvimgcodec, device)
+        except Exception:  # not installed, or no usable device or library: the next backend
+            return None
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send what native code writes to stderr (file descriptor 2) to /dev/null for a while."""
     try:
-        from nvidia import nvimgcodec
-    except Exception:  # not installed, or its CUDA libraries are missing
-        return None
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
     try:
-        return NvImageCodec(nvimgcodec, device)
-    except Exception:  # no usable device or library: the next backend, or the CPU
-        return None
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def nvjpeg_decoder(device: torch.device | None = None) -> JpegDecoder | None:
