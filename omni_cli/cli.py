@@ -559,7 +559,7 @@ def bench(
     decode: str = typer.Option(
         "all",
         metavar="all|auto|cpu|gpu",
-        help="Decode modes to time: all (cpu, gpu and hybrid on a GPU with nvJPEG), or one.",
+        help="Decode modes to time: all (cpu, gpu and hybrid with a GPU JPEG decoder), or one.",
     ),
     repeat: int = typer.Option(1, min=1, metavar="N", help="Rounds; each stage keeps its best."),
     json_file: Path = typer.Option(

@@ -485,7 +485,7 @@ def render(report: BenchReport, console) -> None:
     names = {st.name.split(":")[0] for st in report.stages}
     meaning = {
         "decode": "decode only: loader and feeder alone, views on the device (cpu: PIL in "
-        "workers; gpu: nvJPEG; hybrid: both, the CPU share tuned as it runs)",
+        "workers; gpu: the device decoder; hybrid: both, the CPU share tuned as it runs)",
         "encoder": "encoder only: uint8 views already on the device (eager: the ceiling; "
         "other runtimes with their max |Δ similarity| to eager on the same views)",
         "tag": "end to end: omni tag to Parquet",
