@@ -457,3 +457,21 @@ def test_device_decode_groups_are_bounded_by_pixels_and_oom_makes_them_smaller(
     assert torch.equal(pixels[order.index("big.jpg")], big[0])  # the CPU's views
     small_views = [k for k, rel in enumerate(order) if rel != "big.jpg"]
     assert torch.equal(pixels[small_views], ref_pixels[small_views])  # as without the OOM
+
+
+def test_decode_gpu_pins_every_file_to_one_decoder(tmp_path, labels_file, nvimgcodec):
+    """With workers racing, `--decode gpu` still sends each plain JPEG to the device and the rest
+    to the CPU, decided by the file alone: two runs give the same rows."""
+    nvimgcodec()
+    folder = zoo(tmp_path / "zoo")
+    runs = []
+    for name in ("a.parquet", "b.parquet"):
+        cfg = config(tmp_path, folder, labels_file, name, decoder="gpu")
+        cfg = TagConfig(**{**cfg.__dict__, "workers": 2})
+        result = tag(cfg, jpeg_decoder=devdecode.device_decoder(CPU))
+        assert result.device_decoded == len(LABELS) and result.cpu_share is None
+        runs.append({r["path"]: r for r in pq.read_table(result.output).to_pylist()})
+    for path, row in runs[0].items():
+        # the same pixels; forwards may group files differently, so allow float rounding
+        assert row["similarity"] == pytest.approx(runs[1][path]["similarity"], abs=1e-5), path
+        assert row["status"] == runs[1][path]["status"] and row["error"] == runs[1][path]["error"]
