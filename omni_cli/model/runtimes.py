@@ -220,6 +220,7 @@ def _onnxruntime(
                             out.data_ptr())  # fmt: skip
         torch.cuda.current_stream(x.device).synchronize()  # ORT runs on its own stream
         session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # `out` is complete before torch reads it
         return out
 
     return run
