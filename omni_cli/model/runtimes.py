@@ -112,8 +112,8 @@ def build(
         return _torch_tensorrt(tower, size, precision, device)
     onnx = export_onnx(tower, size, key)
     if name == "openvino":
-        return _openvino(onnx, precision, key)
-    return _onnxruntime(onnx, device, precision, tensorrt=name == "tensorrt", key=key)
+        return _openvino(onnx, precision)
+    return _onnxruntime(onnx, device, precision, tensorrt=name == "tensorrt")
 
 
 def _key(identity: str, precision: str, size: int, device: torch.device) -> str:
@@ -154,7 +154,7 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _openvino(onnx: Path, precision: str, key: str) -> Vision:
+def _openvino(onnx: Path, precision: str) -> Vision:
     """OpenVINO on the CPU: bf16 inference where asked for (native on AVX512-BF16/AMX)."""
     import openvino as ov
 
@@ -187,9 +187,7 @@ def _providers() -> list[str]:
         return []
 
 
-def _onnxruntime(
-    onnx: Path, device: torch.device, precision: str, *, tensorrt: bool, key: str
-) -> Vision:
+def _onnxruntime(onnx: Path, device: torch.device, precision: str, *, tensorrt: bool) -> Vision:
     """ONNX Runtime: the CPU provider, CUDA's, or TensorRT's (its engines cached beside)."""
     import onnxruntime as ort
 
