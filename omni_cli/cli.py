@@ -183,8 +183,8 @@ def _runtime_option(bench: bool = False):
         metavar="auto|eager|compile|onnx|openvino|tensorrt" + ("|all" if bench else ""),
         callback=(lambda v: v if v == "all" else check(v)) if bench else check,
         help="What runs the image encoder: PyTorch eager, torch.compile, ONNX Runtime, "
-        "OpenVINO (CPU) or TensorRT (CUDA), each where installed. auto: OpenVINO for bf16 "
-        "on a CPU where installed, else eager."
+        "OpenVINO (CPU) or TensorRT (CUDA), each where installed. auto: OpenVINO on a "
+        "CPU where installed (fp32, bf16), else eager."
         + (
             " all: time every installed one's encoder beside eager (tag uses auto)."
             if bench

@@ -87,7 +87,8 @@ def test_exported_graph_is_the_vision_tower_at_the_models_size_and_cached(tmp_pa
 def test_auto_follows_the_rule_and_a_missing_runtime_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(runtimes, "installed", lambda device: ["eager", "onnx", "openvino"])
     assert runtimes.resolve("auto", CPU, "bf16") == "openvino"
-    assert runtimes.resolve("auto", CPU, "fp32") == "eager"
+    assert runtimes.resolve("auto", CPU, "fp32") == "openvino"
+    assert runtimes.resolve("auto", CPU, "fp16") == "eager"  # emulated on CPUs: not exported
     assert runtimes.resolve("auto", CPU, "int8") == "eager"
     monkeypatch.setattr(runtimes, "installed", lambda device: ["eager"])
     assert runtimes.resolve("auto", CPU, "bf16") == "eager"

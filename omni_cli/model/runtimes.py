@@ -17,11 +17,12 @@ eager within the fast path's tolerance (tests/test_runtimes.py: max |Δ similari
 fp32, 0.02 and the same top label at bf16, as device decoding is held to).
 
 `auto` follows a rule from figures measured side by side (benchmarks/runtimes_cpu.py, README):
-on the CPU at bf16, OpenVINO where installed (on the 2-core EPYC that builds omni, and per
-issue 19 on an AMX Xeon, it ran the ViT-B/32 tower faster than torch bf16); otherwise eager.
-ONNX Runtime on the CPU only matches torch fp32, and torch.compile's gain on an H200 (2,895/s
-against 2,550/s, ViT-L/14) is paid for with a compile at start-up, so both are asked for by
-name. Quantised precisions (int8, nf4) run eager only.
+on the CPU at fp32 or bf16, OpenVINO where installed (on the 2-core EPYC that builds omni it ran
+the ViT-B/32 tower 1.5-2.1x torch bf16 and 3.0-3.4x torch fp32 in three runs; issue 19 measured
+1.1-1.6x torch bf16 on an AMX Xeon); otherwise eager. ONNX Runtime was no faster than OpenVINO
+at fp32 and only 1.1-1.2x torch bf16 (it runs the fp32 graph), and torch.compile's gain on an
+H200 (2,895/s against 2,550/s, ViT-L/14) is paid for with a compile at start-up: both are
+asked for by name. Quantised precisions (int8, nf4) run eager only.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def resolve(requested: str, device: torch.device, precision: str) -> str:
     if requested == "auto":
         if precision in ("int8", "nf4"):
             return "eager"
-        if device.type == "cpu" and precision == "bf16" and "openvino" in here:
+        if device.type == "cpu" and precision in ("fp32", "bf16") and "openvino" in here:
             return "openvino"
         return "eager"
     if requested != "eager" and precision in ("int8", "nf4"):
