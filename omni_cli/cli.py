@@ -38,6 +38,7 @@ from .config import (
     parse_device,
     parse_overlap,
     parse_precision,
+    parse_runtime,
     parse_size,
     parse_tiles,
 )
@@ -192,6 +193,23 @@ def _batch_option():
     )
 
 
+def _runtime_option(bench: bool = False):
+    check = _check(parse_runtime, "--runtime")
+    return typer.Option(
+        "auto",
+        metavar="auto|eager|compile|onnx|openvino|tensorrt" + ("|all" if bench else ""),
+        callback=(lambda v: v if v == "all" else check(v)) if bench else check,
+        help="What runs the image encoder: PyTorch eager, torch.compile, ONNX Runtime, "
+        "OpenVINO (CPU) or TensorRT (CUDA), each where installed. auto: OpenVINO on a "
+        "CPU where installed (fp32, bf16), else eager."
+        + (
+            " all: time every installed one's encoder beside eager (tag uses auto)."
+            if bench
+            else ""
+        ),  # fmt: skip
+    )
+
+
 def _tiles_option():
     return typer.Option(
         "off",
@@ -246,13 +264,15 @@ def tag(
         callback=_check(parse_bytes, "--max-gpu-memory"),
         help="Cap on GPU memory for the model (e.g. 6GiB); the rest is placed on the CPU.",
     ),
+    runtime: str = _runtime_option(),
     workers: int = _workers_option(),
     decode: str = typer.Option(
         "auto",
         metavar="auto|cpu|gpu",
-        help="Where JPEGs are decoded. auto: on a CUDA GPU with "
-        "torchvision's nvJPEG, split between the GPU and the CPU "
-        "workers as measured while running; else the CPU.",
+        help="Where JPEGs are decoded. auto: on a CUDA GPU with nvImageCodec "
+        "or torchvision's nvJPEG, split between the GPU and the CPU "
+        "workers as measured while running; else the CPU. cpu or gpu pins "
+        "each file's decoder, for runs that must reproduce exactly.",
     ),
     template: str = typer.Option(
         "a photo of a {}.",
@@ -364,6 +384,7 @@ def tag(
                 batch=batch,
                 max_gpu_memory=max_gpu_memory,
                 revision=revision,
+                runtime=runtime,
             ),
             decode=DecodeConfig(
                 decoder=decode,
@@ -572,6 +593,7 @@ def bench(
     device: str = _device_option(),
     precision: str = _precision_option(),
     batch: str = _batch_option(),
+    runtime: str = _runtime_option(bench=True),
     workers: int = _workers_option(),
     images: Path = typer.Option(
         None, metavar="DIR", help="Folder of images to time (default: synthetic JPEGs)."
@@ -593,7 +615,7 @@ def bench(
     decode: str = typer.Option(
         "all",
         metavar="all|auto|cpu|gpu",
-        help="Decode modes to time: all (cpu, gpu and hybrid on a GPU with nvJPEG), or one.",
+        help="Decode modes to time: all (cpu, gpu and hybrid with a GPU JPEG decoder), or one.",
     ),
     repeat: int = typer.Option(1, min=1, metavar="N", help="Rounds; each stage keeps its best."),
     stages: str = typer.Option(
@@ -608,8 +630,14 @@ def bench(
     def build():
         return BenchConfig(
             model=ModelConfig(
-                model=model, device=device, precision=precision, batch=batch, revision=revision
-            ),
+                model=model,
+                device=device,
+                precision=precision,
+                batch=batch,
+                revision=revision,
+                runtime="auto" if runtime == "all" else runtime,
+            ),  # fmt: skip
+            runtimes=runtime,
             images=images,
             synthetic=synthetic,
             resolution=resolution,

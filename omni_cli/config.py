@@ -15,6 +15,7 @@ from .errors import UsageError
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4")
 DECODERS = ("auto", "cpu", "gpu")
+RUNTIMES = ("auto", "eager", "compile", "onnx", "openvino", "tensorrt")  # model/runtimes.py
 DEFAULT_MAX_PIXELS = 200_000_000
 MAX_GRID = 16  # tiles per side of a fixed RxC grid
 # top_labels keep the labels whose score (scoring.label_scores) reaches this: for CLIP, log-odds
@@ -70,6 +71,12 @@ def parse_precision(value: str, option: str = "--precision") -> str:
     return value
 
 
+def parse_runtime(value: str, option: str = "--runtime") -> str:
+    if value not in RUNTIMES:
+        raise UsageError(f"{option} must be one of {', '.join(RUNTIMES)}, not '{value}'")
+    return value
+
+
 def parse_bytes(value: str, option: str = "--budget") -> int:
     """`8GiB`, `8GB`, `8G` (binary), `512MiB`, `1e9` -> bytes."""
     match = _BYTES.fullmatch(str(value))
@@ -97,9 +104,11 @@ class ModelConfig:
     batch: int | None = None  # views per encoder forward; None = auto
     max_gpu_memory: int | None = None  # bytes on the GPU; the rest of the model goes to the CPU
     revision: str | None = None  # a hub model's branch, tag or commit; None: its default branch
+    runtime: str = "auto"  # what runs the image encoder (model/runtimes.py)
 
     def __post_init__(self) -> None:
         parse_device(self.device)
+        parse_runtime(self.runtime)
         parse_precision(self.precision)
         parse_batch(self.batch)
         if self.revision is not None and not self.revision.strip():
@@ -212,6 +221,7 @@ class BenchConfig:
     tiles: str = "off"  # as `tag --tiles`: the encoder stage then encodes every view
     tile_overlap: float = DecodeConfig.tile_overlap
     decode: str = "all"  # all | auto | cpu | gpu: which decode modes to time (decode_modes)
+    runtimes: str = "auto"  # encoder runtimes timed beside eager: all, or one of RUNTIMES
     stages: tuple[str, ...] = ("decode", "encoder", "tag")
     repeat: int = 1  # rounds; each stage reports its fastest (a shared machine is noisy)
     seed: int = 0
@@ -229,6 +239,8 @@ class BenchConfig:
         if self.decode not in ("all", "auto", "cpu", "gpu"):
             raise UsageError(f"--decode must be all, auto, cpu or gpu, not '{self.decode}'")
         DecodeConfig(tiles=self.tiles, tile_overlap=self.tile_overlap)  # the same checks as tag
+        if self.runtimes != "all":
+            parse_runtime(self.runtimes)
         unknown = set(self.stages) - {"decode", "encoder", "tag"}
         if unknown:
             raise UsageError(f"unknown bench stages: {', '.join(sorted(unknown))}")

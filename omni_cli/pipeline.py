@@ -72,6 +72,7 @@ class TagResult:
     device_decoded: int = 0  # files whose JPEG the device decoded
     cpu_share: float | None = None  # final share of batches the CPU workers decoded (hybrid)
     times: dict[str, float] = field(default_factory=dict)  # seconds per activity: where it went
+    runtime: str = ""  # what ran the image encoder (model/runtimes.py)
     unchanged: bool = False  # nothing to do: the output was left as it was
     unlisted: list[tuple[str, str, str]] = field(default_factory=list)  # folders not listed
     retopped: int = 0  # carried rows whose top tags were picked again (new --top-k/--threshold)
@@ -111,6 +112,7 @@ def tag(
         result.times = {**feeder.times, **tagger.times}
         result.unlisted = listing.unlisted
         listing.done(cfg)
+        result.runtime = encoder.runtime
         return result
 
 
@@ -362,6 +364,7 @@ def run_metadata(
         "model": encoder.model_id,
         "revision": encoder.revision,
         "precision": encoder.precision,
+        "runtime": encoder.runtime,
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
         "tile_overlap": cfg.decode.tile_overlap,

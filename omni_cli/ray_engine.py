@@ -229,6 +229,7 @@ def _describe(cfg: TagConfig, prompts):
         encoder,
         model=None,
         tokenizer=None,
+        vision=None,  # the runtime's engine (runtimes.py) stays with the weights
         device=cpu,
         mean=encoder.mean.cpu(),
         std=encoder.std.cpu(),

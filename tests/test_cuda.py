@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig
-from omni_cli.inputs.devdecode import nvjpeg_decoder
+from omni_cli.inputs.devdecode import BACKENDS, device_decoder
 from omni_cli.model.loading import load_encoder
 from omni_cli.pipeline import tag
 from omni_cli.tools.synthetic import draw
@@ -26,6 +26,7 @@ from .conftest import LABELS, MODEL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GIB = 1 << 30
+SKIP = pytest.mark.skip(reason="no runtime besides eager on this GPU")
 
 
 @contextlib.contextmanager
@@ -68,20 +69,28 @@ def best(row) -> str:
     return LABELS[max(range(len(LABELS)), key=lambda i: row["similarity"][i])]
 
 
-def run(tmp_path, folder, labels_file, name, **decode):
+def run(tmp_path, folder, labels_file, name, jpeg_decoder=None, **decode):
     cfg = TagConfig(inputs=(folder,), labels_file=labels_file, output=tmp_path / name,
                     model=ModelConfig(model=str(MODEL), device="cuda", precision="fp32",
                                       batch=64),
                     decode=DecodeConfig(**decode), workers=4)  # fmt: skip
-    result = tag(cfg)
+    result = tag(cfg, jpeg_decoder=jpeg_decoder)
     return result, {r["path"]: r for r in pq.read_table(result.output).to_pylist()}
 
 
-@pytest.mark.skipif(nvjpeg_decoder() is None, reason="needs torchvision's nvJPEG")
-def test_nvjpeg_agrees_with_the_cpu_path(tmp_path, labels_file):
+CUDA = torch.device("cuda") if torch.cuda.is_available() else None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_decoders_agree_with_the_cpu_path(tmp_path, labels_file, backend):
+    """Each installed GPU JPEG decoder: top-1 agreement with the CPU path >= 99.5%."""
+    decoder = device_decoder(CUDA, backend) if CUDA else None
+    if decoder is None:
+        pytest.skip(f"{backend} cannot decode JPEGs on this GPU here")
     truth = photos(tmp_path / "photos")
     cpu, a = run(tmp_path, tmp_path / "photos", labels_file, "cpu.parquet", decoder="cpu")
-    gpu, b = run(tmp_path, tmp_path / "photos", labels_file, "gpu.parquet", decoder="gpu")
+    gpu, b = run(tmp_path, tmp_path / "photos", labels_file, "gpu.parquet", decoder="gpu",
+                 jpeg_decoder=decoder)  # fmt: skip
     assert gpu.device_decoded >= len(truth) - 1 and cpu.device_decoded == 0
     assert a.keys() == b.keys() and len(a) == len(truth) + 3
     assert b["truncated.jpg"]["error"] == a["truncated.jpg"]["error"] == "truncated JPEG"
@@ -91,8 +100,16 @@ def test_nvjpeg_agrees_with_the_cpu_path(tmp_path, labels_file):
     assert same / len(truth) >= 0.995, same
     assert sum(best(b[p]) == label for p, label in truth.items()) / len(truth) >= 0.8
     assert all((a[p]["width"], a[p]["height"]) == (b[p]["width"], b[p]["height"]) for p in a)
-    hybrid, c = run(tmp_path, tmp_path / "photos", labels_file, "hybrid.parquet", decoder="auto")
+    hybrid, c = run(tmp_path, tmp_path / "photos", labels_file, "hybrid.parquet", decoder="auto",
+                    jpeg_decoder=decoder)  # fmt: skip
     assert c.keys() == a.keys() and hybrid.cpu_share is not None
+    assert sum(best(a[p]) == best(c[p]) for p in truth) / len(truth) >= 0.995  # README's figure
+    # --decode gpu pins where each file is decoded: a second run gives the same rows
+    _, d = run(tmp_path, tmp_path / "photos", labels_file, "gpu2.parquet", decoder="gpu",
+               jpeg_decoder=decoder)  # fmt: skip
+    assert all(best(b[p]) == best(d[p]) for p in a)
+    assert max(abs(x - y) for p in truth for x, y in zip(b[p]["similarity"], d[p]["similarity"],
+                                                          strict=True)) < 1e-4  # fmt: skip
 
 
 def test_a_real_out_of_memory_backs_off_and_keeps_every_view():
@@ -120,3 +137,25 @@ def test_batch_auto_probes_what_fits():
         assert enc.batch < 512 and enc.batch & (enc.batch - 1) == 0
         with torch.inference_mode():  # and it fits
             enc.forward(torch.zeros(enc.batch, 3, 224, 224, dtype=torch.uint8))
+
+
+def _cuda_runtimes() -> list[str]:
+    from omni_cli.model.runtimes import installed
+
+    return [r for r in installed(CUDA) if r != "eager"] if CUDA else []
+
+
+@pytest.mark.parametrize("runtime", _cuda_runtimes() or [pytest.param("compile", marks=SKIP)])
+def test_cuda_runtimes_agree_with_eager(runtime):
+    """torch.compile (and TensorRT / ONNX Runtime where installed) on CUDA, bf16: within the
+    fast path's tolerance of eager, the same top labels (as tests/test_runtimes.py on the CPU)."""
+    from .test_runtimes import views
+
+    sims = {}
+    for name in ("eager", runtime):
+        enc = load_encoder(ModelConfig(model=str(MODEL), device="cuda", precision="bf16",
+                                       batch=8, runtime=name))  # fmt: skip
+        texts = enc.encode_texts([f"a photo of a {label}." for label in LABELS])
+        sims[name] = (enc.encode_images(views()) @ texts.T).float().cpu()
+    assert (sims[runtime] - sims["eager"]).abs().max() < 0.02
+    assert torch.equal(sims[runtime].argmax(-1), sims["eager"].argmax(-1))

@@ -6,6 +6,7 @@ What only CUDA does (nvJPEG itself, a real out-of-memory, probing) is in test_cu
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -278,3 +279,199 @@ def test_hybrid_run_with_workers_tags_every_file_once(tmp_path, labels_file):
     assert len(rows) == len({r["path"] for r in rows}) == len(LABELS) + 6
     assert result.cpu_share is not None and 0.0 <= result.cpu_share <= 1.0
     assert {r["path"] for r in rows if r["status"] == "error"} == {"truncated.jpg", "notes.jpg"}
+
+
+class FakeNvImage:
+    """What nvImageCodec's `Image` offers that omni uses: DLPack export of an (H, W, 3) array."""
+
+    def __init__(self, hwc: np.ndarray):
+        self.hwc = hwc
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return self.hwc.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.hwc.__dlpack_device__()
+
+
+def fake_nvimgcodec(refuse: bytes = b"REFUSE-ME", oom_above: int | None = None, drop=False):
+    """A PIL-backed stand-in for `nvidia.nvimgcodec` with its API: `Decoder.decode(list)` gives
+    an image or None per file, in order (or, like releases before 0.x, drops failures: `drop`).
+    It applies EXIF orientation unless told not to, as nvImageCodec does by default, and raises
+    torch.OutOfMemoryError for a call of more than `oom_above` pixels."""
+    import types
+
+    module = types.ModuleType("nvidia.nvimgcodec")
+    module.ColorSpec = types.SimpleNamespace(RGB="rgb", UNCHANGED="unchanged")
+    module.calls = []  # (files, pixels, thread name) per call
+
+    class DecodeParams:
+        def __init__(self, apply_exif_orientation=True, color_spec="rgb", allow_any_depth=False):
+            self.apply_exif_orientation, self.color_spec = apply_exif_orientation, color_spec
+
+    class Decoder:
+        def __init__(self, device_id=0, max_num_cpu_threads=0, backends=None, options=""):
+            self.device_id = device_id
+
+        def decode(self, srcs, params=None, cuda_stream=0):
+            import threading
+
+            single = not isinstance(srcs, list)
+            srcs = [srcs] if single else srcs
+            opened = []
+            for arr in srcs:
+                raw = np.asarray(arr, dtype=np.uint8).tobytes()
+                try:
+                    img = Image.open(io.BytesIO(raw))
+                    img.load()
+                except Exception:
+                    img = None
+                opened.append(None if img is None or refuse in raw else img)
+            pixels = sum(img.width * img.height for img in opened if img is not None)
+            module.calls.append((len(srcs), pixels, threading.current_thread().name))
+            if oom_above is not None and pixels > oom_above:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            out = []
+            for img in opened:
+                if img is not None and (params is None or params.apply_exif_orientation):
+                    img = ImageOps.exif_transpose(img)
+                rgb = None if img is None else np.asarray(img.convert("RGB")).copy()
+                out.append(None if rgb is None else FakeNvImage(rgb))
+            if single:
+                return out[0]
+            return [o for o in out if o is not None] if drop else out
+
+    module.DecodeParams, module.Decoder = DecodeParams, Decoder
+    return module
+
+
+@pytest.fixture
+def nvimgcodec(monkeypatch):
+    """Install a fake `nvidia.nvimgcodec`; returns a function that swaps in a configured one."""
+    import sys
+    import types
+
+    def install(**kw):
+        module = fake_nvimgcodec(**kw)
+        package = types.ModuleType("nvidia")
+        package.nvimgcodec = module
+        monkeypatch.setitem(sys.modules, "nvidia", package)
+        monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", module)
+        return module
+
+    return install
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_nvimgcodec_is_preferred_and_maps_rejections_to_none(tmp_path, nvimgcodec, drop):
+    module = nvimgcodec(drop=drop)
+    decoder = devdecode.device_decoder(CPU)
+    assert decoder.name == "nvimgcodec" and decoder.releases_gil
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = [jpeg(tmp_path / "a.jpg", shape_image("red circle", 1, (64, 48)), exif=exif),
+             jpeg(tmp_path / "b.jpg", shape_image("blue square", 2), comment=b"REFUSE-ME"),
+             None,
+             jpeg(tmp_path / "d.jpg", shape_image("green triangle", 3, (40, 30)))]  # fmt: skip
+    data = [b"not a JPEG" if f is None else Path(f).read_bytes() for f in files]
+    out = decoder([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], CPU)
+    assert [None if o is None else tuple(o.shape) for o in out] == [
+        (3, 48, 64), None, None, (3, 30, 40)]  # fmt: skip  # stored orientation: EXIF is omni's
+    want = np.asarray(Image.open(files[3]).convert("RGB"))
+    assert np.array_equal(out[3].permute(1, 2, 0).numpy(), want)
+    assert module.calls[0][0] == 4  # one batched call for the group
+
+
+def test_nvimgcodec_run_matches_the_cpu_path_on_a_decode_thread(tmp_path, labels_file, nvimgcodec):
+    module = nvimgcodec()
+    folder = zoo(tmp_path / "zoo")
+    decoder, split, adapt = choose_decoder("gpu", CPU, False, devdecode.device_decoder(CPU))
+    assert decoder.name == "nvimgcodec" and split.share == 0.0 and not adapt
+    feeder, groups = feed_all(folder, decoder)
+    assert feeder.threaded  # it releases the GIL: groups are made on the feeding thread
+    assert {name for _, _, name in module.calls} == {"omni-feed"}
+    plain = Feeder(make_loader(list(discover([folder])), SPEC, files=4, workers=0,
+                               split=Split(0.0)), SPEC, CPU, 8, decoder=decoder,
+                   split=Split(0.0), thread=False)  # fmt: skip
+    assert [[i.entry.rel for i in f.items] for f in groups] == [
+        [i.entry.rel for i in f.items] for f in plain]  # fmt: skip
+    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(groups, plain, strict=True))
+    # the refused file comes back None, without failing its batch, and goes the CPU way
+    assert feeder.device_decoded == len(LABELS) and feeder.fallbacks == 1
+    cpu = tag(config(tmp_path, folder, labels_file, "cpu.parquet", decoder="cpu"))
+    dev = tag(config(tmp_path, folder, labels_file, "dev.parquet", decoder="gpu"),
+              jpeg_decoder=decoder)  # fmt: skip
+    a = {r["path"]: r for r in pq.read_table(cpu.output).to_pylist()}
+    b = {r["path"]: r for r in pq.read_table(dev.output).to_pylist()}
+    assert dev.device_decoded == len(LABELS) and a.keys() == b.keys()
+    for path, row in a.items():
+        assert (row["status"], row["error"], row["views"], row["width"], row["height"]) == (
+            b[path]["status"], b[path]["error"], b[path]["views"], b[path]["width"],
+            b[path]["height"])  # fmt: skip
+        if row["status"] == "ok":
+            assert row["top_labels"][:1] == b[path]["top_labels"][:1]
+            assert np.abs(np.subtract(row["similarity"], b[path]["similarity"])).max() < 0.02
+
+
+def test_device_decode_groups_are_bounded_by_pixels_and_oom_makes_them_smaller(
+    tmp_path, nvimgcodec
+):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(12):  # 320x240 = 76,800 pixels each
+        jpeg(folder / f"{i:02d}.jpg", shape_image(LABELS[i % len(LABELS)], seed=i))
+    jpeg(folder / "big.jpg", shape_image("red circle", seed=99, size=(800, 600)))  # 480,000
+    small, limit = 320 * 240, 4 * 320 * 240  # the device holds 4 small files' pixels at once
+    entries = list(discover([folder]))
+
+    def run(decoder, decode_pixels):
+        loader = make_loader(entries, SPEC, files=13, workers=0, split=Split(0.0))
+        feeder = Feeder(loader, SPEC, CPU, 64, decoder=decoder, split=Split(0.0),
+                        thread=False, decode_pixels=decode_pixels)  # fmt: skip
+        return feeder, list(feeder)
+
+    # A budget of 5 small files' pixels: groups of at most 5 files, the big one alone.
+    module = nvimgcodec()
+    feeder, groups = run(devdecode.device_decoder(CPU), 5 * small)
+    assert len(groups) == 1 and feeder.decode_backoffs == 0 and feeder.device_decoded == 13
+    assert all(pixels <= 5 * small or n == 1 for n, pixels, _ in module.calls)
+    assert sorted(n for n, _, _ in module.calls) == [1, 2, 5, 5]  # 12 small + big, in order
+    reference = {i.entry.rel: i for f in groups for i in f.items}
+    ref_pixels = torch.cat([f.pixels for f in groups])
+
+    # OOM above 4 files: the budget of 13 files fails, halves until groups fit; the big file
+    # does not fit even alone and goes the CPU way. Nothing is lost, the run does not fail.
+    module = nvimgcodec(oom_above=limit)
+    feeder, groups = run(devdecode.device_decoder(CPU), 1 << 30)
+    items = {i.entry.rel: i for f in groups for i in f.items}
+    failed = [n for n, pixels, _ in module.calls if pixels > limit]
+    assert feeder.decode_backoffs >= 1 and feeder.decode_pixels < 2 * limit
+    assert len(failed) == feeder.decode_backoffs + 1 and failed[-1] == 1  # + the big file alone
+    assert feeder.fallbacks == 1 and feeder.device_decoded == 12
+    assert items.keys() == reference.keys() and all(i.error is None for i in items.values())
+    assert all(items[k].views == reference[k].views == 1 for k in items)
+    assert sum(n for n, pixels, _ in module.calls if pixels <= limit) == 12  # each once
+    big = torch.from_numpy(decode.load(str(folder / "big.jpg"), SPEC).pixels)
+    pixels = torch.cat([f.pixels for f in groups])
+    order = [i.entry.rel for f in groups for i in f.items]
+    assert torch.equal(pixels[order.index("big.jpg")], big[0])  # the CPU's views
+    small_views = [k for k, rel in enumerate(order) if rel != "big.jpg"]
+    assert torch.equal(pixels[small_views], ref_pixels[small_views])  # as without the OOM
+
+
+def test_decode_gpu_pins_every_file_to_one_decoder(tmp_path, labels_file, nvimgcodec):
+    """With workers racing, `--decode gpu` still sends each plain JPEG to the device and the rest
+    to the CPU, decided by the file alone: two runs give the same rows."""
+    nvimgcodec()
+    folder = zoo(tmp_path / "zoo")
+    runs = []
+    for name in ("a.parquet", "b.parquet"):
+        cfg = config(tmp_path, folder, labels_file, name, decoder="gpu")
+        cfg = TagConfig(**{**cfg.__dict__, "workers": 2})
+        result = tag(cfg, jpeg_decoder=devdecode.device_decoder(CPU))
+        assert result.device_decoded == len(LABELS) and result.cpu_share is None
+        runs.append({r["path"]: r for r in pq.read_table(result.output).to_pylist()})
+    for path, row in runs[0].items():
+        # the same pixels; forwards may group files differently, so allow float rounding
+        assert row["similarity"] == pytest.approx(runs[1][path]["similarity"], abs=1e-5), path
+        assert row["status"] == runs[1][path]["status"] and row["error"] == runs[1][path]["error"]

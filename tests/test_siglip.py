@@ -155,5 +155,7 @@ def test_bench_runs_every_stage_with_the_naive_loop(tmp_path):
                                  "--workers", "0", "--baseline", "--json", str(out)])  # fmt: skip
     assert result.exit_code == 0, result.output
     stages = json.loads(out.read_text())["stages"]
-    assert set(stages) == {"decode:cpu", "encoder", "tag:cpu", "baseline"}
+    runtimes = {name for name in stages if name.startswith("encoder:")}  # `auto`'s, if not eager
+    assert set(stages) - runtimes == {"decode:cpu", "encoder", "tag:cpu", "baseline"}
     assert all(s["images"] == 16 and s["images_per_second"] > 0 for s in stages.values())
+    assert all(stages[name]["parity"] < 0.02 for name in runtimes)  # SigLIP's tower exports too

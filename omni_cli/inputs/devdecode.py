@@ -15,23 +15,128 @@ size are resampled together. Resampling is bilinear with antialiasing, as the CP
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from . import tiling
 from .decode import Preprocess, crop_box, resized
 
-# (list of 1-D uint8 CPU tensors holding JPEG files, device) -> list of (3, H, W) uint8 tensors
-JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
+# (list of 1-D uint8 CPU tensors holding JPEG files, device) -> one (3, H, W) uint8 tensor per
+# file, or None for a file it cannot decode (a decoder may also raise for the whole list).
+JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | None]]
 
 RESIZE_FLOATS = 1 << 27  # floats per resampling call (512 MiB): bounds a batch's temporaries
+BACKENDS = ("nvimgcodec", "torchvision")  # device JPEG decoders, preferred first
+# What a device allocation failure says when it surfaces from cuBLAS, cuDNN or a decoder library
+# instead of PyTorch's allocator (a RuntimeError, not a torch.OutOfMemoryError).
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")  # fmt: skip
 
 
-def nvjpeg_decoder() -> JpegDecoder | None:
-    """torchvision's batched GPU JPEG decoder, or None where torchvision cannot provide it."""
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for every way a device reports that an allocation failed."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
+
+
+def device_decoder(device: torch.device, backend: str = "auto") -> JpegDecoder | None:
+    """The device JPEG decoder to use: nvImageCodec where installed, else torchvision's nvJPEG.
+
+    `backend` (or, for `auto`, $OMNI_JPEG_DECODER) names one of BACKENDS to use only that one.
+    None where none loads.
+    """
+    if backend == "auto":
+        backend = os.environ.get("OMNI_JPEG_DECODER", "auto")
+    if backend not in ("auto", *BACKENDS):
+        raise UsageError(f"OMNI_JPEG_DECODER must be one of {', '.join(BACKENDS)}, not {backend}")
+    makers = {"nvimgcodec": nvimgcodec_decoder, "torchvision": nvjpeg_decoder}
+    for name in BACKENDS if backend == "auto" else (backend,):
+        decoder = makers[name](device)
+        if decoder is not None:
+            return decoder
+    return None
+
+
+class NvImageCodec:
+    """nvImageCodec's batched decoder (`nvidia.nvimgcodec`, wheel nvidia-nvimgcodec-cu13).
+
+    One `Decoder.decode(list)` call decodes a whole group with the GPU's hardware JPEG engine
+    where it has one (else CUDA, else the CPU backends, chosen per image), releasing the GIL while
+    it works, and returns None for a file it cannot decode instead of failing the call. Releases
+    that drop failed files from the list instead are decoded again file by file. EXIF orientation
+    is left to `orient`, as for the other decoders; images come back HWC and are viewed as CHW.
+    """
+
+    name = "nvimgcodec"
+    releases_gil = True  # the feeder then decodes on a thread of its own (feed.Feeder)
+
+    def __init__(self, module, device: torch.device):
+        self.nv = module
+        index = device.index if device.index is not None else 0
+        if device.type == "cuda" and device.index is None:
+            index = torch.cuda.current_device()
+        self.decoder = module.Decoder(device_id=index)
+        self.params = module.DecodeParams(apply_exif_orientation=False,
+                                          color_spec=module.ColorSpec.RGB,
+                                          allow_any_depth=False)  # fmt: skip
+
+    def __call__(self, files: list[torch.Tensor], device: torch.device) -> list:
+        arrays = [f.numpy() for f in files]
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        images = self.decoder.decode(arrays, params=self.params, cuda_stream=stream)
+        if len(images) != len(arrays):  # an older release dropped the failures: ask one by one
+            images = [self.decoder.decode(a, params=self.params, cuda_stream=stream)
+                      for a in arrays]  # fmt: skip
+        return [None if img is None else _chw(img, device) for img in images]
+
+
+def _chw(image, device: torch.device) -> torch.Tensor:
+    """A decoded (H, W, 3) image (DLPack) -> a (3, H, W) uint8 view on `device`."""
+    hwc = torch.from_dlpack(image)
+    return hwc.permute(2, 0, 1).to(device, non_blocking=True)
+
+
+def nvimgcodec_decoder(device: torch.device) -> JpegDecoder | None:
+    """nvImageCodec's decoder on `device`, or None where it is not installed or cannot start."""
+    with _stderr_silenced():  # its extensions for other formats complain when their libraries
+        try:  # are missing (nvJPEG2000, nvTIFF): omni asks it for JPEGs only
+            from nvidia import nvimgcodec
+
+            return NvImageCodec(nvimgcodec, device)
+        except Exception:  # not installed, or no usable device or library: the next backend
+            return None
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send what native code writes to stderr (file descriptor 2) to /dev/null for a while."""
+    try:
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def nvjpeg_decoder(device: torch.device | None = None) -> JpegDecoder | None:
+    """torchvision's batched GPU JPEG decoder, or None where torchvision cannot provide it.
+
+    Its batched call blocks the calling thread until its stream syncs, holds a process-wide
+    lock, and fails as a whole for one bad file (the feeder then retries file by file).
+    """
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except Exception:  # not installed, or built for another torch (PyPI's beside a CPU torch)
@@ -40,6 +145,7 @@ def nvjpeg_decoder() -> JpegDecoder | None:
     def decode(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
 
+    decode.name = "torchvision"  # type: ignore[attr-defined]
     return decode
 
 

@@ -3,10 +3,14 @@
 The feeder gathers loader batches until they hold a forward's worth of views, then hands the
 encoder one `Fed` group: every file's views as one uint8 tensor on the device, in file order.
 Views decoded by CPU workers travel from pinned memory on a side stream, overlapping the
-encoder's work. JPEGs sent to the device are decoded there in one batched call
-(devdecode.py); a batch the device decoder rejects is retried file by file, and a file it
-still rejects is decoded on the CPU (in a process of its own: a file the device rejects may
-crash a native decoder too), which gives it pixels or the same error row as ever.
+encoder's work. JPEGs sent to the device are decoded there in batched calls (devdecode.py),
+each bounded by pixels (read from the JPEG headers, `DECODE_PIXELS`), not by file count; a
+device out-of-memory error halves the budget and retries, and a file that does not fit alone
+goes to the CPU. A batch the device decoder rejects is retried file by file, and a file it
+still rejects (or returns None for) is decoded on the CPU, in a process of its own (a file
+the device rejects may crash a native decoder too), which gives it pixels or the same error
+row as ever. With a decoder that releases the GIL (nvImageCodec) groups are made on a
+thread of their own, one group ahead of the encoder.
 
 Hybrid decoding: on a GPU host both the CPU workers and the device can decode, and the right
 share for each depends on the model, the GPU and the cores. `SplitControl` measures both while
@@ -33,7 +37,7 @@ import torch
 
 from ..errors import DecodeError, UsageError
 from . import decode, isolate, tiling
-from .devdecode import JpegDecoder, device_views, orient
+from .devdecode import JpegDecoder, device_decoder, device_views, is_out_of_memory, orient
 from .isolate import DEFAULT_TIMEOUT
 from .loader import Batch, Item, Split
 
@@ -41,9 +45,14 @@ WINDOW = 16  # loader batches between updates of the split
 SMOOTHING = 0.5  # weight of a new estimate of the best share
 MAX_SHARE = 0.95  # keep measuring the device path, however slow it looks
 START_SHARE = 0.5  # CPU share of batches when the run starts, in hybrid mode
-# Decode on a separate thread (CUDA). Off: on an H200, nvJPEG's call did not overlap with the
-# main thread (ViT-L/14 tag 1,313/s with the thread, 1,463/s without; gpu_bench --ab-thread).
-THREAD = os.environ.get("OMNI_FEED_THREAD", "0") == "1"
+# Feed on a separate thread: by default where the device decoder releases the GIL (nvImageCodec).
+# Not for torchvision's nvJPEG: on an H200 its call did not overlap with the main thread
+# (ViT-L/14 tag 1,313/s with the thread, 1,463/s without; gpu_bench --ab-thread).
+# OMNI_FEED_THREAD=1 or 0 forces it on or off.
+THREAD = {"1": True, "0": False}.get(os.environ.get("OMNI_FEED_THREAD", ""))
+# Pixels decoded on the device at once (2^29: 1.5 GiB of RGB, ~250 1080p JPEGs or five
+# 100-megapixel photos), from the JPEG headers; halved after an out-of-memory error.
+DECODE_PIXELS = 1 << 29
 _DONE = object()
 
 
@@ -112,6 +121,7 @@ class Feeder:
         split: Split | None = None,
         adapt: bool = True,
         thread: bool | None = None,
+        decode_pixels: int | None = None,
     ):
         self.batches, self.spec, self.device = batches, spec, device
         self.views_per_forward = views_per_forward
@@ -121,21 +131,25 @@ class Feeder:
         self.control = SplitControl(split, workers) if adapt else None
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        # None: on CUDA with a device decoder (where the decoder's blocking call can overlap)
-        self.threaded = (self.cuda and decoder is not None and THREAD) if thread is None else thread
+        if thread is None:  # a decoder that releases the GIL decodes on a thread of its own
+            thread = THREAD if THREAD is not None else getattr(decoder, "releases_gil", False)
+        self.threaded = bool(thread)
+        self.decode_pixels = decode_pixels or DECODE_PIXELS  # per device decode group
+        self.decode_backoffs = 0  # groups made smaller after the device ran out of memory
         self.device_decoded = self.fallbacks = 0  # files decoded by the device / sent back
         self.times = {"wait for loader": 0.0, "device decode": 0.0, "cut views": 0.0}
 
     def __iter__(self) -> Iterator[Fed]:
         """Groups in the order they are ready; with `thread`, made on a feeding thread.
 
-        The thread waits for loader batches and for the device decoder while this one launches
-        forwards and builds rows (OMNI_FEED_THREAD=1; off by default, see THREAD).
+        The thread waits for loader batches and for the device decoder, one group ahead, while
+        this one launches forwards and builds rows (on where the decoder releases the GIL; see
+        THREAD).
         """
         if not self.threaded:
             yield from self._groups()
             return
-        ready: queue.Queue = queue.Queue(maxsize=2)
+        ready: queue.Queue = queue.Queue(maxsize=1)  # the thread works one group ahead
         stop = threading.Event()
 
         def offer(item) -> bool:
@@ -238,48 +252,92 @@ class Feeder:
         return Fed(items, pixels)
 
     def _decode_jpegs(self, jpegs: list[tuple[int, Item, torch.Tensor]]) -> dict:
-        """Decode on the device, orient, cut views; files it cannot take go the CPU way."""
+        """Decode on the device in groups bounded by pixels, orient, cut views; files the
+        device rejects, or that do not fit in its memory even alone, go the CPU way."""
         started = time.perf_counter()
-        images = self._device_decode([data for _, _, data in jpegs])
+        parts: dict[int, torch.Tensor | None] = {}
+        back: list[tuple[int, Item]] = []  # files for the CPU
+        pending = list(jpegs)
+        while pending:
+            chunk = _take(pending, self.decode_pixels)
+            pending = pending[len(chunk) :]
+            try:
+                done, rejected = self._decode_chunk(chunk)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._release()
+                if len(chunk) == 1:  # alone it does not fit: the CPU decodes it
+                    back.append(chunk[0][:2])
+                    continue
+                # a smaller group from now on: half of what failed (halving down to one file)
+                self.decode_pixels = max(1, _pixels(chunk) // 2)
+                self.decode_backoffs += 1
+                pending = chunk + pending
+                continue
+            parts.update(done)
+            back += rejected
+        for position, item in sorted(back, key=lambda pair: pair[0]):
+            item.jpeg = None
+            self.fallbacks += 1
+            parts[position] = self._cpu_fallback(item)
+        if self.control is not None:
+            self.control.device(len(jpegs), time.perf_counter() - started)
+        return {k: v for k, v in parts.items() if v is not None}
+
+    def _decode_chunk(self, chunk) -> tuple[dict, list]:
+        """One group within the pixel budget, decoded and cut on the device (or it raises):
+        ({position: views}, [(position, item) the device rejected])."""
+        started = time.perf_counter()
+        images = self._device_decode([data for _, _, data in chunk])
         decoded = time.perf_counter()
         self.times["device decode"] += decoded - started
-        parts, good, oriented = {}, [], []
-        for (position, item, _), image in zip(jpegs, images, strict=True):
-            expected = (item.width, item.height)
+        good, oriented, back, parts = [], [], [], {}
+        for (position, item, _), image in zip(chunk, images, strict=True):
             if image is not None:
                 image = orient(image, item.orientation)
-                if (image.shape[-1], image.shape[-2]) != expected or image.shape[0] != 3:
+                if (image.shape[-1], image.shape[-2]) != (item.width, item.height) or (
+                    image.shape[0] != 3
+                ):
                     image = None  # the header and the decoded stream disagree: trust the CPU
-            item.jpeg = None
             if image is None:
-                self.fallbacks += 1
-                parts[position] = self._cpu_fallback(item)
+                back.append((position, item))
                 continue
             good.append((position, item))
             oriented.append(image)
+        views = device_views(oriented, self.spec) if oriented else []
+        del oriented, images
+        for (position, item), item_views in zip(good, views, strict=True):
+            item.jpeg = None
+            item.views = len(item_views)
+            parts[position] = item_views
         self.device_decoded += len(good)
-        for (position, item), views in zip(good, device_views(oriented, self.spec), strict=True):
-            item.views = len(views)
-            parts[position] = views
-        finished = time.perf_counter()
-        self.times["cut views"] += finished - decoded
-        if self.control is not None:
-            self.control.device(len(jpegs), finished - started)
-        return {k: v for k, v in parts.items() if v is not None}
+        self.times["cut views"] += time.perf_counter() - decoded
+        return parts, back
 
     def _device_decode(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The whole list in one call; if that fails, file by file, None for each failure."""
+        """The whole list in one call; if that fails, file by file, None for each failure.
+
+        An out-of-memory error is raised, not retried here: the caller makes the group smaller.
+        """
         try:
             return list(self.decoder(files, self.device))
-        except Exception:
-            pass
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
         out: list[torch.Tensor | None] = []
         for data in files:
             try:
                 out.append(self.decoder([data], self.device)[0])
-            except Exception:
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise
                 out.append(None)
         return out
+
+    def _release(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     def _cpu_fallback(self, item: Item) -> torch.Tensor | None:
         """Decode one file on the CPU, as a worker would; an error sticks to the item.
@@ -308,29 +366,46 @@ class Feeder:
         return pixels.to(self.device, non_blocking=self.cuda)
 
 
+def _pixels(jpegs) -> int:
+    return sum(item.width * item.height for _, item, _ in jpegs)
+
+
+def _take(jpegs: list, budget: int) -> list:
+    """The first files of `jpegs` whose pixels (from their headers) fit `budget`; at least one."""
+    total = 0
+    for n, (_, item, _) in enumerate(jpegs):
+        total += item.width * item.height
+        if n and total > budget:
+            return jpegs[:n]
+    return jpegs
+
+
 def choose_decoder(
-    mode: str, device: torch.device, exact: bool, injected: JpegDecoder | None = None
+    mode: str,
+    device: torch.device,
+    exact: bool,
+    injected: JpegDecoder | None = None,
+    backend: str = "auto",
 ) -> tuple[JpegDecoder | None, Split | None, bool]:
     """Where JPEGs are decoded: (device decoder or None, split, whether the split adapts).
 
     `cpu`, `--exact` and devices other than CUDA: every file on the CPU. `gpu`: every JPEG
-    the device decoder takes goes to it. `auto`: on CUDA with torchvision's nvJPEG, hybrid,
-    the CPU workers' share tuned by `SplitControl`; without it, the CPU. `injected` replaces
-    the device decoder (tests, or a library user's own), on any device.
+    the device decoder takes goes to it. `auto`: on CUDA with a device decoder (nvImageCodec,
+    else torchvision's nvJPEG: devdecode.device_decoder; `backend` names one), hybrid, the CPU
+    workers' share tuned by `SplitControl`; without one, the CPU. `injected` replaces the device
+    decoder (tests, or a library user's own), on any device.
     """
     if mode == "cpu" or exact:
         return None, None, False
     decoder = injected
     if decoder is None and device.type == "cuda":
-        from .devdecode import nvjpeg_decoder
-
-        decoder = nvjpeg_decoder()
+        decoder = device_decoder(device, backend)
     if decoder is None:
         if mode == "gpu":
-            where = "a CUDA device" if device.type != "cuda" else "torchvision with nvJPEG"
+            where = "a CUDA device" if device.type != "cuda" else "a GPU JPEG decoder"
             raise UsageError(
-                f"--decode gpu needs {where}: pip install -e '.[gpu]' with a torchvision built "
-                "for this PyTorch; --decode cpu or auto decode on the CPU"
+                f"--decode gpu needs {where}: pip install nvidia-nvimgcodec-cu13 (or cu12), or "
+                "torchvision built for this PyTorch; --decode cpu or auto decode on the CPU"
             )
         return None, None, False
     if mode == "gpu":

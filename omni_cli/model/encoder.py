@@ -17,19 +17,8 @@ import torch
 
 from ..errors import ModelError
 from ..inputs.decode import Preprocess
+from ..inputs.devdecode import is_out_of_memory  # one definition, for decoder and encoder
 from .precision import compute_dtype
-
-# What a CUDA allocation failure says when it surfaces from cuBLAS or cuDNN instead of
-# PyTorch's allocator (a RuntimeError, not a torch.OutOfMemoryError).
-_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")  # fmt: skip
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for every way a device reports that an allocation failed."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
 @dataclass
@@ -51,6 +40,8 @@ class Encoder:
     text_padding: str | bool = True
     text_length: int | None = None  # tokens a prompt may have (the text model's positions)
     on_backoff: Callable[[int], None] | None = None
+    runtime: str = "eager"  # what runs the vision tower (runtimes.py)
+    vision: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the model, eagerly
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,7 +88,10 @@ class Encoder:
         """One forward of (n, 3, H, W) uint8 views -> (n, dim) float32, L2-normalised."""
         x = chunk.to(self.device, non_blocking=True).float().div_(255.0)
         x = ((x - self.mean) / self.std).to(self.dtype)
-        feats = _pooled(self.model.get_image_features(pixel_values=x))
+        if self.vision is not None:
+            feats = self.vision(x).to(self.device)
+        else:
+            feats = _pooled(self.model.get_image_features(pixel_values=x))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
     @torch.inference_mode()

@@ -44,8 +44,21 @@ def load_encoder(cfg: ModelConfig, *, exact: bool = False) -> Encoder:
         enc = _assemble(cfg, model, tokenizer, processor, device, precision, exact)
     else:
         enc = _load_pretrained(cfg, device, precision, exact, max_gpu_memory)
+    use_runtime(enc, cfg.runtime)
     if cfg.batch is None and device.type == "cuda":
         enc.batch = probe_batch(enc)
+    return enc
+
+
+def use_runtime(enc: Encoder, requested: str) -> Encoder:
+    """Run the vision tower on runtime `requested` (runtimes.py); `auto` picks by rule."""
+    from . import runtimes
+
+    name = runtimes.resolve(requested, enc.device, enc.precision)
+    enc.vision = runtimes.build(name, enc.model, size=enc.preprocess.size,
+                                precision=enc.precision, device=enc.device,
+                                identity=f"{enc.model_id}@{enc.revision}")  # fmt: skip
+    enc.runtime = name
     return enc
 
 

@@ -51,6 +51,8 @@ class StageResult:
     decode: str | None = None  # where JPEGs were decoded: cpu, gpu or hybrid
     cpu_share: float | None = None  # hybrid: the share of batches CPU workers decoded at the end
     times: dict = field(default_factory=dict)  # seconds per activity (decode and tag stages)
+    runtime: str | None = None  # what ran the image encoder (encoder and tag stages)
+    parity: float | None = None  # encoder:RUNTIME: max |Δ similarity| to eager, same views
 
     @property
     def images_per_second(self) -> float:
@@ -190,20 +192,21 @@ def run_bench(cfg: BenchConfig, on_note: Callable[[str], None] | None = None) ->
 
 
 def decode_modes(decode: str, device: torch.device, exact: bool) -> list[str]:
-    """The decode modes to time: `all` on a CUDA machine with nvJPEG is cpu, gpu and hybrid."""
+    """The decode modes to time: `all` on a CUDA machine with a device JPEG decoder (nvImageCodec
+    or torchvision's nvJPEG) is cpu, gpu and hybrid."""
     if exact or device.type != "cuda":
         return ["cpu"]
     if decode == "all":
-        from ..inputs.devdecode import nvjpeg_decoder
+        from ..inputs.devdecode import device_decoder
 
-        return ["cpu", "gpu", "hybrid"] if nvjpeg_decoder() else ["cpu"]
+        return ["cpu", "gpu", "hybrid"] if device_decoder(device) else ["cpu"]
     return [{"auto": "hybrid"}.get(decode, decode)]
 
 
 def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
     from ..inputs.loader import default_workers
     from ..inputs.sources import discover
-    from ..model.loading import load_encoder
+    from ..model.loading import load_encoder, use_runtime
 
     entries = [e for e in discover([folder]) if not e.error]
     if not entries:
@@ -213,7 +216,8 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
     modes: list[str] = []
     for round_ in range(cfg.repeat):  # rounds interleave the stages; each keeps its best
         note(f"round {round_ + 1} of {cfg.repeat}: loading {cfg.model.model}")
-        encoder = load_encoder(cfg.model, exact=cfg.exact)
+        eager = dataclasses.replace(cfg.model, runtime="eager")  # the ceiling is eager's
+        encoder = load_encoder(eager, exact=cfg.exact)
         device, precision, batch = encoder.device, encoder.precision, encoder.batch
         workers = default_workers(device.type) if cfg.workers is None else cfg.workers
         modes = decode_modes(cfg.decode, device, cfg.exact)
@@ -231,6 +235,13 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
         if "encoder" in cfg.stages:
             note(f"encoder only: {len(entries)} images at {precision}, {batch} views per forward")
             found.append(_encoder_stage(encoder, pool, len(entries), views))
+            reference = _similarities(encoder, pool)
+            for name in bench_runtimes(cfg.runtimes, device, precision):
+                note(f"encoder only ({name}): preparing and timing")
+                use_runtime(encoder, name)
+                stage = _encoder_stage(encoder, pool, len(entries), views)
+                stage.parity = float((_similarities(encoder, pool) - reference).abs().max())
+                found.append(stage)
         del pool, encoder
         _release(device)
         for mode in modes if "tag" in cfg.stages else []:
@@ -258,10 +269,32 @@ def _run(cfg: BenchConfig, folder: Path, tmpdir: Path, note) -> BenchReport:
         "preprocess": "exact" if cfg.exact else "draft",
         "tiles": cfg.tiles,
         "decode": modes[-1] if modes else None,  # what `omni tag` uses by default
+        "runtime": cfg.model.runtime,  # what `tag` stages asked for (see tag stages' runtime)
         "repeat": cfg.repeat,
     }
     kind = "cuda allocator peak" if device.type == "cuda" else "rss (process + workers' unique)"
     return BenchReport(machine_info(), settings, stages, kind)
+
+
+def bench_runtimes(runtimes: str, device: torch.device, precision: str) -> list[str]:
+    """The encoder runtimes to time beside eager: every installed one (`all`), or the one
+    `tag --runtime RUNTIMES` would use, unless that is eager."""
+    from ..model import runtimes as rt
+
+    if runtimes == "all":
+        quantised = precision in ("int8", "nf4")
+        return [] if quantised else [n for n in rt.installed(device) if n != "eager"]
+    name = rt.resolve(runtimes, device, precision)
+    return [] if name == "eager" else [name]
+
+
+def _similarities(encoder, pool: list[torch.Tensor], n: int = 64) -> torch.Tensor:
+    """(views, labels) cosine similarities of the first `n` views to the synthetic labels."""
+    from .synthetic import LABELS
+
+    texts = encoder.encode_texts([f"a photo of a {label}." for label in LABELS])
+    views = torch.cat(pool)[:n] if pool else torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
+    return (encoder.encode_images(views) @ texts.T).float().cpu()
 
 
 def _release(device: torch.device) -> None:
@@ -333,9 +366,11 @@ def _encoder_stage(encoder, pool: list[torch.Tensor], n: int, views: float) -> S
             i += 1
         _sync(device)
         seconds = time.perf_counter() - started
-    precision, batch = encoder.precision, encoder.batch
-    return StageResult("encoder", "encoder only", n, seconds, mem.peak, precision, batch,
-                       peak_host=mem.host)  # fmt: skip
+    precision, batch, runtime = encoder.precision, encoder.batch, encoder.runtime
+    name = "encoder" if runtime == "eager" else f"encoder:{runtime}"
+    what = "encoder only" if runtime == "eager" else f"encoder only ({runtime})"
+    return StageResult(name, what, n, seconds, mem.peak, precision, batch, peak_host=mem.host,
+                       runtime=runtime)  # fmt: skip
 
 
 def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device, mode: str):
@@ -356,8 +391,8 @@ def _tag_stage(cfg: BenchConfig, folder: Path, tmpdir: Path, workers, device, mo
     _release(device)
     return StageResult(f"tag:{mode}", f"end to end, tag ({mode})", result.tagged, result.seconds,
                        mem.peak, result.precision, result.batch, workers, peak_host=mem.host,
-                       decode=mode, cpu_share=result.cpu_share,
-                       times=_round(result.times))  # fmt: skip
+                       decode=mode, cpu_share=result.cpu_share, times=_round(result.times),
+                       runtime=result.runtime)  # fmt: skip
 
 
 def _baseline_stage(cfg: BenchConfig, entries, device) -> StageResult:
@@ -440,6 +475,8 @@ def render(report: BenchReport, console) -> None:
     for st in report.stages:
         share = f"{st.share:.0%}" if st.share is not None else "-"
         mode = f" cpu share {st.cpu_share:.2f}" if st.cpu_share is not None else ""
+        mode += f" max|Δsim| {st.parity:.1e}" if st.parity is not None else ""
+        mode += f" [{st.runtime}]" if st.name.startswith("tag") and st.runtime else ""
         cells = [st.description + mode, f"{st.images_per_second:,.1f}", share, _gib(st.peak_memory)]
         cells += [_gib(st.peak_host)] if cuda else []
         cells += [st.precision or "-", str(st.batch or "-"),
@@ -449,8 +486,9 @@ def render(report: BenchReport, console) -> None:
     names = {st.name.split(":")[0] for st in report.stages}
     meaning = {
         "decode": "decode only: loader and feeder alone, views on the device (cpu: PIL in "
-        "workers; gpu: nvJPEG; hybrid: both, the CPU share tuned as it runs)",
-        "encoder": "encoder only: uint8 views already on the device (the ceiling)",
+        "workers; gpu: the device decoder; hybrid: both, the CPU share tuned as it runs)",
+        "encoder": "encoder only: uint8 views already on the device (eager: the ceiling; "
+        "other runtimes with their max |Δ similarity| to eager on the same views)",
         "tag": "end to end: omni tag to Parquet",
         "baseline": "naive loop: the model's image processor (PIL) per batch of 8 + full "
         "forward with texts, fp32",
