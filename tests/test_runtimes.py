@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -21,6 +20,7 @@ from omni_cli.errors import UsageError
 from omni_cli.model import runtimes
 from omni_cli.model.labels import cache_dir
 from omni_cli.model.loading import load_encoder
+from omni_cli.output.layout import metadata
 from omni_cli.pipeline import tag
 
 from .conftest import LABELS, MODEL, shape_image
@@ -121,7 +121,7 @@ def test_tag_records_its_runtime_and_bench_times_them_side_by_side(tmp_path, lab
                     workers=0, model=ModelConfig(model=str(MODEL), device="cpu",
                                                  precision="fp32", runtime=runtime))  # fmt: skip
     result = tag(cfg)
-    meta = json.loads(pq.read_schema(result.output).metadata[b"omni"])
+    meta = metadata(result.output)
     assert result.runtime == meta["runtime"] == runtime
     out = tmp_path / "bench.json"
     args = ["bench", "--model", str(MODEL), "--device", "cpu", "--precision", "fp32",
