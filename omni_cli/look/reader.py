@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 from ..errors import UsageError
 from ..output import layout
 
-META_KEY = b"omni"  # as sink.META_KEY
 META_FILE = "_omni.json"  # a folder output's metadata
 
 
