@@ -348,12 +348,21 @@ def test_an_unreadable_part_stops_the_run_and_stays(tmp_path, labels_file):
     assert not out.exists()
 
 
-def test_nothing_changed_imports_no_torch_and_leaves_the_output_as_it_was(tmp_path, labels_file):
-    folder, out = tmp_path / "photos", tmp_path / "tags.parquet"
+def _state(out):
+    """What a no-change run must leave as it is: the bytes and mtime of every file of `out`."""
+    files = sorted(out.iterdir()) if out.is_dir() else [out]
+    return [(f.name, f.read_bytes(), f.stat().st_mtime_ns) for f in files], os.path.realpath(out)
+
+
+@pytest.mark.parametrize("name", ["tags.parquet", "tags"])
+def test_nothing_changed_imports_no_torch_and_leaves_the_output_as_it_was(
+    tmp_path, labels_file, name
+):
+    folder, out = tmp_path / "photos", tmp_path / name
     make_folder(folder, 4)
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     tag(config(folder, labels_file, out))
-    before = (out.read_bytes(), out.stat().st_mtime_ns)
+    before = _state(out)
     script = (
         "import sys\n"
         "from omni_cli.cli import app\n"
@@ -369,7 +378,7 @@ def test_nothing_changed_imports_no_torch_and_leaves_the_output_as_it_was(tmp_pa
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 3, done.stderr  # the broken file is still listed
     assert "nothing changed since the last run (1 error row kept)" in done.stdout
-    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+    assert _state(out) == before
     # Anything else to do, and the error row is tried again with the new file.
     make_folder(folder / "more", 1)
     result = tag(config(folder, labels_file, out))
