@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
-from omni_cli import synthetic  # noqa: E402
 from omni_cli.config import DEFAULT_THRESHOLD, DecodeConfig, ModelConfig, TagConfig  # noqa: E402
 from omni_cli.output.sink import META_KEY  # noqa: E402
 from omni_cli.pipeline import tag  # noqa: E402
+from omni_cli.tools import synthetic  # noqa: E402
 
 LABELS = synthetic.LABELS
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "tiny-clip"

@@ -28,12 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
-from omni_cli import scoring, synthetic, tiling  # noqa: E402
 from omni_cli.config import DecodeConfig, ModelConfig, TagConfig  # noqa: E402
+from omni_cli.inputs import tiling  # noqa: E402
+from omni_cli.model import scoring  # noqa: E402
 from omni_cli.model.labels import classifier  # noqa: E402
 from omni_cli.model.loading import load_encoder  # noqa: E402
 from omni_cli.output.sink import META_KEY  # noqa: E402
 from omni_cli.pipeline import tag  # noqa: E402
+from omni_cli.tools import synthetic  # noqa: E402
 
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "tiny-clip"
 LABELS = synthetic.LABELS
