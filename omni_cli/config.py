@@ -18,7 +18,7 @@ DECODERS = ("auto", "cpu", "gpu")
 DEFAULT_MAX_PIXELS = 200_000_000
 MAX_GRID = 16  # tiles per side of a fixed RxC grid
 # top_labels keep the labels whose score (scoring.label_scores) reaches this: a similarity
-# SCORE_SPREAD standard deviations above the label's mean over content-free images.
+# clearly above the label's mean over content-free images (scoring.score_baseline).
 DEFAULT_THRESHOLD = 0.5
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _GRID = re.compile(r"^(\d+)x(\d+)$")

@@ -235,7 +235,7 @@ def load_model(
     matrix, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
     size = encoder.preprocess.size  # scores: each label's baseline over content-free images
     blank, _ = cached_content_free(encoder.encode_images, size, encoder.cache_key)
-    baseline = scoring.score_baseline(blank @ matrix)  # (labels,)
+    baseline = scoring.score_baseline(blank, matrix)  # (labels,)
     return encoder, Classifier(matrix, baseline).to(encoder.device)
 
 
@@ -303,13 +303,14 @@ def run_metadata(
         else "sigmoid(logit_scale * similarity + logit_bias)",
         "scores": "sigmoid(logit_scale * (similarity - score_baseline)); score_baseline: each "
         "label's mean similarity to content-free images (greys, grey noise, grey ramps) plus "
-        f"{scoring.SCORE_SPREAD:g} standard deviation of it over them",
+        f"{scoring.SCORE_SPREAD:g} x the largest standard deviation of their embeddings along "
+        "any direction (sqrt of their covariance's top eigenvalue)",
         "score_baseline": baseline.float().cpu().tolist() if baseline is not None else None,
         "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias,
         "top_k": cfg.top_k,
         "threshold": cfg.threshold,
-        "top_labels": "labels with scores >= threshold, best first, at most top_k",
+        "top_labels": "labels with scores >= threshold, most similar first, at most top_k",
         "embedding": "float16, every view (global, squares, tiles): views x dim, flattened"
         if cfg.save_embeddings
         else None,

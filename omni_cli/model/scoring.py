@@ -9,11 +9,14 @@ on that label alone, so adding or removing a label never moves another label's s
 - The score is sigmoid(logit_scale x (similarity - baseline)), the baseline calibrated per model
   and label at load time, without labelled data: the label's mean similarity to a set of
   content-free images (greys, grey noise, grey ramps: `labels.content_free_pixels`) plus
-  SCORE_SPREAD times its standard deviation over them. So a label applies where the image
-  matches it clearly better than things with no content do, in units of how much such things
-  already vary for that label: on a model that reads greys as half a shape the bar sits higher.
-  The model's learned temperature gives the slope. SigLIP gets the same calibration: its own
-  sigmoid (kept in `probs`) tagged fewer objects of multi-object canvases than a softmax.
+  SCORE_SPREAD times the largest spread of those images' similarity along any direction. So a
+  label applies where the image matches it clearly better than things with no content do, in
+  units of how much such things already vary on this model: on a model that reads greys as half
+  a shape the bar sits higher. The model's learned temperature gives the slope. SigLIP gets
+  the same calibration: its own sigmoid (kept in `probs`) tagged fewer objects of multi-object
+  canvases than a softmax. `top_k` lists the labels that pass in order of similarity, so the
+  first tag is the label the image is most like (the argmax of `similarity`) whenever it
+  passes.
 
 The views of a tiled image (tiling.py: whole-image views, then a grid of tiles) are combined
 label by label by `combine_views`, from the images alone, so that the choice never depends on
@@ -38,10 +41,11 @@ import torch
 # its image's typical tile shows background. With the fixture model, background tiles of one
 # image sit at 0.98-1.0 from each other, tiles that show a part of a shape below 0.9.
 TILE_ALIKE = 0.9
-# A label's score is 0.5 this many standard deviations above its mean similarity to
-# content-free images (labels.content_free_pixels). Chosen on tiny-clip, -b, -c and tiny-siglip
-# (benchmarks/scores.py); reported on held-out models in the README.
-SCORE_SPREAD = 1.25
+# A label's score is 0.5 this many times the content-free images' largest spread above its mean
+# similarity to them (`score_baseline`). Chosen on tiny-clip, -b, -c and tiny-siglip
+# (benchmarks/scores.py: untiled multi-object F1 above the softmax reading on all four);
+# reported on held-out models in the README.
+SCORE_SPREAD = 0.5
 
 
 def similarity(embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -57,14 +61,19 @@ def probabilities(sim: torch.Tensor, logit_scale: float, logit_bias: float | Non
     return torch.softmax(logits, dim=-1)
 
 
-def score_baseline(content_free_sim: torch.Tensor) -> torch.Tensor:
-    """(images, labels) similarity of content-free images -> (labels,) the score's midpoint.
+def score_baseline(blank: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """(images, dim) content-free embeddings, (dim, labels) classifier -> (labels,) midpoints.
 
-    Each label's mean over the content-free images plus SCORE_SPREAD of their standard
-    deviation: where the image matches the label clearly better than things with no content do.
+    Each label's mean similarity to the content-free images plus SCORE_SPREAD times the
+    largest standard deviation those images' similarity can have along any direction (the
+    square root of their covariance's top eigenvalue): one spread per model, whatever the
+    labels, so it moves no label against another.
     """
-    sim = content_free_sim.float()
-    return sim.mean(dim=0) + SCORE_SPREAD * sim.std(dim=0, unbiased=False)
+    blank = blank.double().cpu()
+    mean = (blank @ classifier.double().cpu()).mean(dim=0)
+    centred = blank - blank.mean(dim=0)
+    spread = torch.linalg.eigvalsh(centred.T @ centred / len(blank))[-1].clamp(min=0).sqrt()
+    return (mean + SCORE_SPREAD * spread).float()
 
 
 def label_scores(
@@ -217,14 +226,24 @@ def _starts(views: list[int]) -> list[int]:
 
 
 def top_k(
-    scores: torch.Tensor, k: int, threshold: float | None = None
+    scores: torch.Tensor,
+    k: int,
+    threshold: float | None = None,
+    order: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Per image, the indices and scores of the k best labels (only those >= `threshold`)."""
+    """Per image, the indices and scores of the k best labels (only those >= `threshold`).
+
+    "Best" is by `order` (the similarity) when given, else by score.
+    """
     k = min(k, scores.shape[-1])
     if k == 0 or len(scores) == 0:
         return [[] for _ in range(len(scores))], [[] for _ in range(len(scores))]
-    values, idx = torch.topk(scores, k, dim=-1)
-    values, idx = values.cpu().tolist(), idx.cpu().tolist()
+    rank = scores if order is None else order.to(scores.dtype)
+    if threshold is not None:
+        rank = rank.masked_fill(scores < threshold, float("-inf"))
+    _, idx = torch.topk(rank, k, dim=-1)
+    values = scores.gather(-1, idx).cpu().tolist()
+    idx = idx.cpu().tolist()
     if threshold is None:
         return idx, values
     keep = [[j for j, s in enumerate(row) if s >= threshold] for row in values]
