@@ -18,8 +18,8 @@ DECODERS = ("auto", "cpu", "gpu")
 RUNTIMES = ("auto", "eager", "compile", "onnx", "openvino", "tensorrt")  # model/runtimes.py
 DEFAULT_MAX_PIXELS = 200_000_000
 MAX_GRID = 16  # tiles per side of a fixed RxC grid
-# top_labels keep the labels whose score (scoring.label_scores) reaches this: for CLIP, log-odds
-# of SCORE_GAIN over a blank image; for SigLIP, the model's own decision boundary.
+# top_labels keep the labels whose score (scoring.label_scores) reaches this: a similarity
+# clearly above the label's mean over content-free images (scoring.score_baseline).
 DEFAULT_THRESHOLD = 0.5
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _GRID = re.compile(r"^(\d+)x(\d+)$")

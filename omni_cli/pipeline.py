@@ -29,7 +29,7 @@ from .errors import Interrupted, Terminated
 from .inputs.listing import Files
 from .inputs.sources import FileEntry, Unlisted, check_inputs, discover
 from .model import hub
-from .model.labels import NEUTRAL_LEVELS, Label, long_labels, prompts_for, read_labels
+from .model.labels import Label, long_labels, prompts_for, read_labels
 from .output import verify
 from .output.finish import finish, recover
 from .output.identity import request
@@ -292,7 +292,8 @@ def load_model(
     cfg: TagConfig, prompts, emit: Callable[[Progress], None] | None = None
 ) -> tuple[Encoder, Classifier]:
     """The encoder and the label classifier (matrix and per-label baselines) on its device."""
-    from .model.labels import Classifier, cached_classifier, cached_neutral
+    from .model import scoring
+    from .model.labels import Classifier, cached_classifier, cached_content_free
     from .model.loading import load_encoder
     from .model.precision import explain
 
@@ -303,11 +304,9 @@ def load_model(
         if why:
             emit(Progress("note", message=why))
     matrix, _ = cached_classifier(encoder.encode_texts, prompts, encoder.cache_key)
-    baseline = None
-    if encoder.logit_bias is None:  # CLIP: scores need each label's content-free baseline
-        size = encoder.preprocess.size
-        neutral, _ = cached_neutral(encoder.encode_images, size, encoder.cache_key)
-        baseline = neutral @ matrix  # (labels,)
+    size = encoder.preprocess.size  # scores: each label's baseline over content-free images
+    blank, _ = cached_content_free(encoder.encode_images, size, encoder.cache_key)
+    baseline = scoring.score_baseline(blank, matrix)  # (labels,)
     return encoder, Classifier(matrix, baseline).to(encoder.device)
 
 
@@ -368,30 +367,26 @@ def run_metadata(
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
         "tile_overlap": cfg.decode.tile_overlap,
-        "tile_rule": "views: global, whole-image squares, tiles. Tiles whose embedding has cosine "
-        f"< {scoring.TILE_ALIKE} with the image's typical tile (the mean of its largest group "
-        "of tiles alike at that cosine) show objects; an 8-connected group of them spanning "
-        "at most 2 / (1 - tile_overlap) tiles along each axis is read from its most "
-        "distinctive tiles (least like the typical tile; non-maximum "
-        "suppression over touching tiles); the whole-image views are read when there is no "
-        "object tile or a group is larger. Each label takes its largest similarity over the "
-        "views read",
+        "tile_rule": "views: global, whole-image squares, tiles. Always read: the whole-image "
+        f"views. Tiles whose embedding has cosine < {scoring.TILE_ALIKE} with the image's typical "
+        "tile (the mean of its largest group of tiles alike at that cosine) show objects; those "
+        "whose 8-connected group spans fewer than ceil(2 / (1 - tile_overlap)) tiles along each "
+        "axis are read too (larger groups are parts of something the whole-image views see). "
+        "Each label takes its largest similarity over the views read",
         "similarity": "cosine(image embedding, label embedding)",
         "probs": "softmax(logit_scale * similarity)"
         if clip
         else "sigmoid(logit_scale * similarity + logit_bias)",
-        "scores": f"sigmoid(logit_scale * (similarity - score_baseline) - {scoring.SCORE_GAIN}); "
-        "score_baseline: each label's similarity to content-free images (flat greys "
-        f"{list(NEUTRAL_LEVELS)}); 0.5 = the image is e^{scoring.SCORE_GAIN:g} times likelier "
-        "than a blank image for that label"
-        if clip
-        else "sigmoid(logit_scale * similarity + logit_bias)",
+        "scores": "sigmoid(logit_scale * (similarity - score_baseline)); score_baseline: each "
+        "label's mean similarity to content-free images (greys, grey noise, grey ramps) plus "
+        f"{scoring.SCORE_SPREAD:g} x the largest standard deviation of their embeddings along "
+        "any direction (sqrt of their covariance's top eigenvalue)",
         "score_baseline": baseline.float().cpu().tolist() if baseline is not None else None,
         "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias,
         "top_k": cfg.top_k,
         "threshold": cfg.threshold,
-        "top_labels": "labels with scores >= threshold, best first, at most top_k",
+        "top_labels": "labels with scores >= threshold, most similar first, at most top_k",
         "embedding": "float16, every view (global, squares, tiles): views x dim, flattened"
         if cfg.save_embeddings
         else None,

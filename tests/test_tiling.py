@@ -75,7 +75,7 @@ def test_small_corner_shape_is_found_with_tiles_and_missed_without(tmp_path, lab
     from omni_cli.pipeline import tag
     from omni_cli.tools import synthetic
 
-    from .conftest import MODEL
+    from .conftest import LABELS, MODEL
 
     folder = tmp_path / "4k"
     folder.mkdir()
@@ -86,7 +86,10 @@ def test_small_corner_shape_is_found_with_tiles_and_missed_without(tmp_path, lab
     big = synthetic.draw("blue square", (3840, 2160), rng=rng, shape_frac=0.3,
                          center=(0.5, 0.5), background="textured")  # fmt: skip
     big.save(folder / "big.jpg", quality=90)
-    top = {}
+    frame = synthetic.draw("green triangle", (3840, 2160), rng=rng, shape_frac=0.45,
+                           center=(0.4, 0.55), background="textured")  # fmt: skip
+    frame.save(folder / "frame.jpg", quality=90)  # fills 90% of the height, off-centre
+    top, best = {}, {}
     for tiles in ("off", "auto"):
         out = tmp_path / f"{tiles}.parquet"
         cfg = TagConfig(
@@ -97,6 +100,7 @@ def test_small_corner_shape_is_found_with_tiles_and_missed_without(tmp_path, lab
         tag(cfg)
         rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
         top[tiles] = {k: (r["top_labels"] or [None])[0] for k, r in rows.items()}  # None: no tag
+        best[tiles] = {k: LABELS[int(np.argmax(r["similarity"]))] for k, r in rows.items()}
         dim = 64
         for r in rows.values():
             assert r["views"] == (95 if tiles == "auto" else 1)  # 1 + 3 squares + 7 x 13 tiles
@@ -104,3 +108,8 @@ def test_small_corner_shape_is_found_with_tiles_and_missed_without(tmp_path, lab
     assert top["off"]["corner.jpg"] != "red circle"
     assert top["auto"]["corner.jpg"] == "red circle"
     assert top["off"]["big.jpg"] == top["auto"]["big.jpg"] == "blue square"
+    # parts of a frame-filling shape, seen by tiles, do not outvote the views that see it whole
+    assert top["off"]["frame.jpg"] == top["auto"]["frame.jpg"] == "green triangle"
+    for tiles in ("off", "auto"):  # the README's SQL reads the argmax of similarity
+        assert best[tiles] == top[tiles] | {"corner.jpg": best[tiles]["corner.jpg"]}
+    assert best["auto"]["corner.jpg"] == "red circle"

@@ -7,8 +7,8 @@ are ignored, a duplicate label is an error that names both line numbers, and a l
 zero-shot classifier does: fill templates, encode, L2-normalise, average per label, normalise
 again. The matrix is cached on disk, keyed by the model's identity (its weights and
 preprocessing, identity.py), precision, device kind and the exact prompts. Next to it, for
-CLIP's per-label scores (scoring.label_scores), each label's baseline: its similarity to
-content-free images (flat greys, `neutral_pixels`), from one embedding cached per model. A
+the per-label scores (scoring.label_scores), each label's baseline: its similarity to
+content-free images (`content_free_pixels`), whose embeddings are cached per model. A
 cache file that does not load or does not match its key, shape or dtype is recomputed and
 rewritten (atomically): the cache only ever saves time, it never stops a run.
 """
@@ -190,6 +190,38 @@ def neutral_pixels(size: int) -> torch.Tensor:
 
     levels = torch.tensor(NEUTRAL_LEVELS, dtype=torch.uint8).view(-1, 1, 1, 1)
     return levels.expand(-1, 3, size, size).contiguous()
+
+
+def content_free_pixels(size: int) -> torch.Tensor:
+    """Images with nothing in them, (13, 3, size, size) uint8: the greys of NEUTRAL_LEVELS,
+    grey noise (fine and in 8 px cells, full and light range), and a horizontal and a vertical
+    grey ramp. No colour, no shapes: what every model can be shown to learn where a label's
+    similarity sits when there is nothing to see, and how much it varies there."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    out = [torch.full((size, size), float(v)) for v in NEUTRAL_LEVELS]
+    for cell in (1, 8):
+        for lo, hi in ((0, 255), (96, 224)):
+            side = size // cell + 1
+            noise = torch.randint(lo, hi + 1, (side, side), generator=g).float()
+            out.append(noise.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[:size, :size])
+    ramp = torch.linspace(0, 255, size)
+    out += [ramp.view(1, -1).expand(size, size), ramp.view(-1, 1).expand(size, size)]
+    grey = torch.stack(out).round().clamp(0, 255).to(torch.uint8)
+    return grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def cached_content_free(
+    encode_images: Callable[[torch.Tensor], torch.Tensor], size: int, model_key: str | None
+) -> tuple[torch.Tensor, bool]:
+    """The embeddings (13, dim) of `content_free_pixels`, cached per model like the matrix."""
+    return _cached(
+        "content-free",
+        [model_key, size, "greys, grey noise, grey ramps v1"],
+        lambda v: v.dim() == 2,
+        lambda: encode_images(content_free_pixels(size)).float(),
+    )
 
 
 def cached_classifier(

@@ -6,29 +6,29 @@ logit_scale x similarity ("which one of these labels"; a per-label sigmoid with 
 bias for SigLIP), and `label_scores` ("does this label apply"), where each label's score depends
 on that label alone, so adding or removing a label never moves another label's score:
 
-- CLIP: the evidence the image gives for the label over a content-free image (flat greys,
-  `labels.neutral_pixels`), in the model's own units: logit_scale x (similarity - baseline) is
-  the log-odds by which the model, as trained contrastively, prefers the image to a blank one
-  for that label's prompts. The score is sigmoid(that - SCORE_GAIN): 0.5 where the image is
-  e^10 (about 22,000) times likelier than a blank image. Using the model's learned temperature
-  makes one threshold mean the same on models whose cosines live on other scales (a hub CLIP's
-  matches sit near 0.3, a tiny test model's near 0.9); the label's own baseline makes labels
-  whose prompts sit closer to everything comparable with the others.
-- SigLIP (a learned logit bias): the model's own sigmoid(logit_scale x similarity + bias).
+- The score is sigmoid(logit_scale x (similarity - baseline)), the baseline calibrated per model
+  and label at load time, without labelled data: the label's mean similarity to a set of
+  content-free images (greys, grey noise, grey ramps: `labels.content_free_pixels`) plus
+  SCORE_SPREAD times the largest spread of those images' similarity along any direction. So a
+  label applies where the image matches it clearly better than things with no content do, in
+  units of how much such things already vary on this model: on a model that reads greys as half
+  a shape the bar sits higher. The model's learned temperature gives the slope. SigLIP gets
+  the same calibration: its own sigmoid (kept in `probs`) tagged fewer objects of multi-object
+  canvases than a softmax. `top_k` lists the labels that pass in order of similarity, so the
+  first tag is the label the image is most like (the argmax of `similarity`) whenever it
+  passes.
 
 The views of a tiled image (tiling.py: whole-image views, then a grid of tiles) are combined
 label by label by `combine_views`, from the images alone, so that the choice never depends on
-which labels are asked for. The image's typical tile is the mean of its largest group of alike
-tiles: the background, when objects are small. Tiles like it are background; the others are
-object tiles, and each 8-connected group of them holds one object or a few. A group
-that fits in a tile (it spans no more tiles along either axis than an object one tile wide
-can touch: 2 / (1 - overlap)) is read from its most distinctive tiles, those least like the
-background, which see its objects whole; a tile next to a more distinctive one that is read
-sees part of the same object and is skipped (non-maximum suppression), since a part is often
-confidently something else. Larger objects are read from the whole-image views: tiles see only
-parts of them (a corner of a square looks like a triangle); so are those of an image without
-object tiles, and of a busy one, whose unlike tiles form one large group. Each label then takes
-its best similarity over the views read.
+which labels are asked for. The whole-image views are always read: the image's reading is
+theirs, and tiles only add to it. The image's typical tile is the mean of its largest group of
+alike tiles: the background, when objects are small. Tiles like it are background; the others
+are object tiles, and each 8-connected group of them holds one object or a few. A group that
+fits in a tile (it spans fewer tiles along each axis than an object one tile wide can touch:
+2 / (1 - overlap)) is read too: its tiles see its objects whole. Tiles of a larger group see
+only parts of something the whole-image views see whole (a corner of a square looks like a
+triangle), so they are not read, however sure they are. Each label then takes its best
+similarity over the views read. All of it runs on the batch at once on the device.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ import torch
 # its image's typical tile shows background. With the fixture model, background tiles of one
 # image sit at 0.98-1.0 from each other, tiles that show a part of a shape below 0.9.
 TILE_ALIKE = 0.9
-# Log-odds over a blank image at which a CLIP label's score is 0.5 (benchmarks/scores.py: the
-# F1 of top_labels on two-object canvases peaked at 10 on the fixture model, and at 10 too on
-# tiny-clip-b, trained independently and never used to choose it).
-SCORE_GAIN = 10.0
+# A label's score is 0.5 this many times the content-free images' largest spread above its mean
+# similarity to them (`score_baseline`). Chosen on tiny-clip, -b, -c and tiny-siglip
+# (benchmarks/scores.py: untiled multi-object F1 above the softmax reading on all four);
+# reported on held-out models in the README.
+SCORE_SPREAD = 0.5
 
 
 def similarity(embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,21 @@ def probabilities(sim: torch.Tensor, logit_scale: float, logit_bias: float | Non
     return torch.softmax(logits, dim=-1)
 
 
+def score_baseline(blank: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """(images, dim) content-free embeddings, (dim, labels) classifier -> (labels,) midpoints.
+
+    Each label's mean similarity to the content-free images plus SCORE_SPREAD times the
+    largest standard deviation those images' similarity can have along any direction (the
+    square root of their covariance's top eigenvalue): one spread per model, whatever the
+    labels, so it moves no label against another.
+    """
+    blank = blank.double().cpu()
+    mean = (blank @ classifier.double().cpu()).mean(dim=0)
+    centred = blank - blank.mean(dim=0)
+    spread = torch.linalg.eigvalsh(centred.T @ centred / len(blank))[-1].clamp(min=0).sqrt()
+    return (mean + SCORE_SPREAD * spread).float()
+
+
 def label_scores(
     sim: torch.Tensor,
     baseline: torch.Tensor | None,
@@ -68,35 +84,45 @@ def label_scores(
 ) -> torch.Tensor:
     """(images, labels) similarity -> per-label scores in [0, 1], each from its label alone.
 
-    `baseline` (labels,) is each label's similarity to a content-free image (CLIP); models with
-    a logit bias (SigLIP) use their own sigmoid and need none.
+    sigmoid(logit_scale x (sim - baseline)), `baseline` (labels,) from `score_baseline`. Without
+    a baseline (rows of a model whose baseline was never measured), a model with a logit bias
+    (SigLIP) falls back to its own sigmoid.
     """
-    if logit_bias is not None:
-        return torch.sigmoid(sim * logit_scale + logit_bias)
     if baseline is None:
+        if logit_bias is not None:
+            return torch.sigmoid(sim * logit_scale + logit_bias)
         raise ValueError("CLIP scores need the labels' content-free baseline")
     baseline = baseline.to(sim.device, sim.dtype)
-    return torch.sigmoid(logit_scale * (sim - baseline) - SCORE_GAIN)
+    return torch.sigmoid(logit_scale * (sim - baseline))
 
 
 def tile_distinctness(emb: torch.Tensor, views: list[int], whole: list[int]) -> torch.Tensor:
     """(total views, dim) -> (total views,): how unlike its image's typical tile each tile is.
 
     1 - cosine with the typical tile: the mean of the largest group of alike tiles (those with
-    cosine >= TILE_ALIKE with one tile, the one with most such), which is the background when
-    objects are small. Whole-image views and untiled images get 0. No device synchronisation.
+    cosine >= TILE_ALIKE with one tile, the first with most such), which is the background when
+    objects are small. Whole-image views and untiled images get 0. All tiled images of the batch
+    at once, padded to the most tiles; no device synchronisation.
     """
-    out = torch.zeros(len(emb), device=emb.device, dtype=torch.float32)
-    start = 0
-    for count, n_whole in zip(views, whole, strict=True):
-        if count > n_whole + 1:
-            tiles = emb[start + n_whole : start + count].float()  # (tiles, dim)
-            alike = (tiles @ tiles.T >= TILE_ALIKE).float()  # (tiles, tiles)
-            group = alike[alike.sum(dim=1).argmax()]  # (tiles,): the largest group of alike tiles
-            typical = torch.nn.functional.normalize(group @ tiles, dim=0)
-            out[start + n_whole : start + count] = 1 - tiles @ typical
-        start += count
-    return out
+    out = torch.zeros(len(emb) + 1, device=emb.device, dtype=torch.float32)  # last: padding
+    rows = [(s + w, c - w) for s, c, w in zip(_starts(views), views, whole, strict=True)
+            if c > w + 1]  # fmt: skip
+    if not rows:
+        return out[:-1]
+    width = max(n for _, n in rows)
+    index = torch.full((len(rows), width), len(emb), dtype=torch.long)
+    for i, (first, n) in enumerate(rows):
+        index[i, :n] = torch.arange(first, first + n)
+    index = index.to(emb.device, non_blocking=True)
+    padded = torch.cat([emb.float(), emb.new_zeros(1, emb.shape[1], dtype=torch.float32)])
+    tiles = padded[index]  # (images, tiles, dim); padding rows are zero, alike with nothing
+    alike = (tiles @ tiles.transpose(1, 2) >= TILE_ALIKE).float()  # (images, tiles, tiles)
+    best = alike.sum(dim=2).argmax(dim=1)  # (images,): the tile with most alike tiles
+    group = alike.gather(1, best.view(-1, 1, 1).expand(-1, 1, width)).squeeze(1)
+    typical = torch.nn.functional.normalize(torch.einsum("it,itd->id", group, tiles), dim=-1)
+    distinct = 1 - torch.einsum("itd,id->it", tiles, typical)  # (images, tiles)
+    out.index_put_((index.view(-1),), distinct.view(-1))  # padding lands on the last slot
+    return out[:-1]
 
 
 def combine_views(
@@ -111,84 +137,113 @@ def combine_views(
 
     Per image, `views` counts its views, `whole` how many of them come first and see the whole
     image, and `grids` gives its tiles' (rows, cols), row-major, or None when untiled;
-    `distinct` is `tile_distinctness`. Untiled batches stay on the device; a batch with tiled
-    images is moved to the CPU once (a few numbers per view) to find the objects.
+    `distinct` is `tile_distinctness`. Each label takes its largest similarity over the views
+    `read_views` keeps. The whole batch at once on its device: no per-image synchronisation.
     """
     if all(v == 1 for v in views):
-        return sim
-    sim, distinct = sim.float().cpu(), distinct.float().cpu().tolist()
-    reach = math.ceil(2 / (1 - overlap) - 1e-9)
-    rows, start = [], 0
-    for count, n_whole, grid in zip(views, whole, grids, strict=True):
-        group, dist = sim[start : start + count], distinct[start + n_whole : start + count]
-        start += count
+        return sim.float()
+    read = read_views(distinct, views, whole, grids, overlap)  # (total views,)
+    image = torch.repeat_interleave(torch.arange(len(views)), torch.tensor(views))
+    image = image.to(sim.device, non_blocking=True).view(-1, 1).expand(-1, sim.shape[1])
+    values = sim.float().masked_fill(~read.view(-1, 1), float("-inf"))
+    out = torch.full((len(views), sim.shape[1]), float("-inf"), device=sim.device)
+    return out.scatter_reduce(0, image, values, "amax")
+
+
+def read_views(
+    distinct: torch.Tensor,
+    views: list[int],
+    whole: list[int],
+    grids: list[tuple[int, int] | None],
+    overlap: float,
+) -> torch.Tensor:
+    """(total views,) bool: the views each image is read from.
+
+    Every whole-image view; and the object tiles (distinctness > 1 - TILE_ALIKE) whose
+    8-connected group of object tiles fits in one tile: it spans fewer than
+    `reach` = ceil(2 / (1 - overlap)) tiles along each axis (an object one tile wide touches at
+    most that many). A group's extent is found by passing each tile's bounding box of object
+    tiles to its object neighbours until nothing changes, for all images at once.
+    """
+    device, total = distinct.device, sum(views)
+    read = torch.zeros(total + 1, dtype=torch.bool)  # last: padding
+    tiled = []
+    for start, count, n_whole, grid in zip(_starts(views), views, whole, grids, strict=True):
         n_tiles = count - n_whole
         if grid is None or n_tiles < 1 or grid[0] * grid[1] != n_tiles:
-            rows.append(group[0] if count == 1 else group[:n_whole].max(dim=0).values)
-            continue
-        picks, read_whole = object_tiles(dist, grid, reach)
-        read = (list(range(n_whole)) if read_whole else []) + [n_whole + i for i in picks]
-        rows.append(group[read].max(dim=0).values)
-    return torch.stack(rows)
+            read[start : start + (count if count == 1 else n_whole)] = True
+        else:
+            read[start : start + n_whole] = True
+            tiled.append((start + n_whole, grid))
+    read = read.to(device, non_blocking=True)
+    if not tiled:
+        return read[:-1]
+    n_rows, n_cols = max(g[0] for _, g in tiled), max(g[1] for _, g in tiled)
+    index = torch.full((len(tiled), n_rows, n_cols), total, dtype=torch.long)
+    for i, (first, (r, c)) in enumerate(tiled):
+        index[i, :r, :c] = torch.arange(first, first + r * c).view(r, c)
+    index = index.to(device, non_blocking=True)
+    padded = torch.cat([distinct.float(), distinct.new_zeros(1, dtype=torch.float32)])
+    obj = (padded[index] > 1 - TILE_ALIKE) & (index < total)  # (images, rows, cols)
+    large = _large_groups(obj, math.ceil(2 / (1 - overlap) - 1e-9), n_rows * n_cols)
+    read.index_put_((index.view(-1),), (obj & ~large).view(-1))
+    read[-1] = False
+    return read[:-1]
 
 
-def object_tiles(dist: list[float], grid: tuple[int, int], reach: int) -> tuple[list[int], bool]:
-    """Which tiles to read for one image, and whether to read its whole-image views too.
+def _large_groups(obj: torch.Tensor, reach: int, steps: int) -> torch.Tensor:
+    """(images, rows, cols) object mask -> True where the tile's 8-connected group of object
+    tiles spans `reach` or more tiles along an axis.
 
-    In each object group that fits in a tile, its most distinctive tiles by non-maximum
-    suppression: the most distinctive first, then each next one that does not touch (overlap)
-    a tile already read, as a neighbour of a more distinctive tile sees part of the same
-    object. Two objects in one group each keep a tile. The whole-image views are read when
-    there is no object tile or a group spans more than `reach` tiles along an axis (a large
-    object, or a busy image where most tiles are unlike each other).
+    Each object tile starts with its own (row, col) as a bounding box and takes the union with
+    its object neighbours' boxes; after as many rounds as the longest path in a group, every
+    tile holds its group's box. Rounds run in blocks of 8 between checks, so the device is
+    waited on once per block, not per image.
     """
-    n_cols = grid[1]
-    picks, large = [], False
-    for cells in _objects(dist, grid):
-        ys, xs = [c // n_cols for c in cells], [c % n_cols for c in cells]
-        if max(ys) - min(ys) >= reach or max(xs) - min(xs) >= reach:
-            large = True
-            continue
-        read: list[int] = []
-        for c in sorted(cells, key=lambda c: -dist[c]):
-            y, x = divmod(c, n_cols)
-            if all(abs(r // n_cols - y) > 1 or abs(r % n_cols - x) > 1 for r in read):
-                read.append(c)
-        picks += read
-    return picks, large or not picks
+    n, h, w = obj.shape
+    ys = torch.arange(h, device=obj.device).view(1, h, 1).expand(n, h, w).float()
+    xs = torch.arange(w, device=obj.device).view(1, 1, w).expand(n, h, w).float()
+    big = float(h + w + 1)
+    # channels: -ymin, ymax, -xmin, xmax, each maximised; non-object tiles hold -big (neutral)
+    box = torch.stack([-ys, ys, -xs, xs], dim=1).masked_fill(~obj.unsqueeze(1), -big)
+    keep = obj.unsqueeze(1)
+    for step in range(steps):
+        grown = torch.nn.functional.max_pool2d(box, 3, stride=1, padding=1)
+        grown = torch.where(keep, torch.maximum(box, grown), box)
+        if step % 8 == 7 and torch.equal(grown, box):
+            break
+        box = grown
+    return obj & ((box[:, 0] + box[:, 1] >= reach) | (box[:, 2] + box[:, 3] >= reach))
 
 
-def _objects(dist: list[float], grid: tuple[int, int]):
-    """8-connected groups of object tiles (tiles unlike the typical one), as tile indices."""
-    n_rows, n_cols = grid
-    is_object = [d > 1 - TILE_ALIKE for d in dist]
-    seen = [False] * len(is_object)
-    for first, obj in enumerate(is_object):
-        if not obj or seen[first]:
-            continue
-        seen[first], stack, cells = True, [first], []
-        while stack:
-            cell = stack.pop()
-            cells.append(cell)
-            y, x = divmod(cell, n_cols)
-            for ny in range(max(0, y - 1), min(n_rows, y + 2)):
-                for nx in range(max(0, x - 1), min(n_cols, x + 2)):
-                    near = ny * n_cols + nx
-                    if is_object[near] and not seen[near]:
-                        seen[near] = True
-                        stack.append(near)
-        yield cells
+def _starts(views: list[int]) -> list[int]:
+    """Each image's first view in the concatenated views."""
+    starts, at = [], 0
+    for v in views:
+        starts.append(at)
+        at += v
+    return starts
 
 
 def top_k(
-    scores: torch.Tensor, k: int, threshold: float | None = None
+    scores: torch.Tensor,
+    k: int,
+    threshold: float | None = None,
+    order: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Per image, the indices and scores of the k best labels (only those >= `threshold`)."""
+    """Per image, the indices and scores of the k best labels (only those >= `threshold`).
+
+    "Best" is by `order` (the similarity) when given, else by score.
+    """
     k = min(k, scores.shape[-1])
     if k == 0 or len(scores) == 0:
         return [[] for _ in range(len(scores))], [[] for _ in range(len(scores))]
-    values, idx = torch.topk(scores, k, dim=-1)
-    values, idx = values.cpu().tolist(), idx.cpu().tolist()
+    rank = scores if order is None else order.to(scores.dtype)
+    if threshold is not None:
+        rank = rank.masked_fill(scores < threshold, float("-inf"))
+    _, idx = torch.topk(rank, k, dim=-1)
+    values = scores.gather(-1, idx).cpu().tolist()
+    idx = idx.cpu().tolist()
     if threshold is None:
         return idx, values
     keep = [[j for j, s in enumerate(row) if s >= threshold] for row in values]

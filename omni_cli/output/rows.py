@@ -238,7 +238,9 @@ class Tagger:
 
     def _finish(self, columns: dict, sim, probs, scores, valid) -> pa.RecordBatch:
         """Add similarity, probs, scores and top tags, and order the columns as the schema does."""
-        top_idx, top_scores = scoring.top_k(torch.from_numpy(scores), self.top_k, self.threshold)
+        top_idx, top_scores = scoring.top_k(
+            torch.from_numpy(scores), self.top_k, self.threshold, order=torch.from_numpy(sim)
+        )
         columns["similarity"] = _fixed(sim, valid)
         columns["probs"] = _fixed(probs, valid)
         columns["scores"] = _fixed(scores, valid)
