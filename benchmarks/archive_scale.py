@@ -11,8 +11,9 @@ case for bytes). The same rows are written as one file (`tags.parquet`) and as a
 - a night: a new folder of 100 files, 50 files redrawn in one folder, 20 deleted in another;
 - 1% changed, scattered: every 100th file redrawn.
 
-For each: wall time, peak memory (the process's VmHWM, and the process tree's RSS polled every
-50 ms; the larger is shown) and bytes written (`wchar` of /proc/PID/io: every byte the command
+For each: wall time, peak memory (the process's VmHWM, and the process tree's proportional set
+size polled every 50 ms, so that pages the process shares with its forked decode helper count
+once; the larger is shown) and bytes written (`wchar` of /proc/PID/io: every byte the command
 wrote, OUT.partial/ included), and the bytes of the output's files that are new (a hard-linked
 part costs nothing).
 
@@ -90,9 +91,9 @@ def omni(work: Path, out: str, labels: Path, inputs: str = "tree") -> dict:
     proc = psutil.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = 0
     while proc.poll() is None:
-        try:
+        try:  # PSS: a page shared by the process and its forked decode helper counts once
             tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree))
+            peak = max(peak, sum(p.memory_full_info().pss for p in tree))
         except psutil.Error:
             pass
         time.sleep(0.05)
