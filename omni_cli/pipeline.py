@@ -307,7 +307,8 @@ def load_model(
     size = encoder.preprocess.size  # scores: each label's baseline over content-free images
     blank, _ = cached_content_free(encoder.encode_images, size, encoder.cache_key)
     baseline = scoring.score_baseline(blank, matrix)  # (labels,)
-    return encoder, Classifier(matrix, baseline).to(encoder.device)
+    lift = scoring.tiled_lift(blank)
+    return encoder, Classifier(matrix, baseline, lift).to(encoder.device)
 
 
 def plan_run(
@@ -380,8 +381,10 @@ def run_metadata(
         "scores": "sigmoid(logit_scale * (similarity - score_baseline)); score_baseline: each "
         "label's mean similarity to content-free images (greys, grey noise, grey ramps) plus "
         f"{scoring.SCORE_SPREAD:g} x the largest standard deviation of their embeddings along "
-        "any direction (sqrt of their covariance's top eigenvalue)",
+        "any direction (sqrt of their covariance's top eigenvalue); a tiled image (views > 1) "
+        f"uses score_baseline + score_tiled_lift ({scoring.TILED_SPREAD:g} such deviations)",
         "score_baseline": baseline.float().cpu().tolist() if baseline is not None else None,
+        "score_tiled_lift": getattr(classifier, "tiled_lift", 0.0),
         "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias,
         "top_k": cfg.top_k,

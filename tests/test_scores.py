@@ -115,9 +115,10 @@ def test_multi_object_scenes_get_both_tags_with_tiles(tmp_path, photos, labels_f
         assert tops["off"][f"{label.replace(' ', '_')}.png"][0] == label
 
 
-def test_metadata_says_how_scores_are_computed(tmp_path, photos, labels_file):
+@pytest.mark.parametrize("tiles", ["off", "auto"])
+def test_metadata_says_how_scores_are_computed(tmp_path, photos, labels_file, tiles):
     out = tmp_path / "tags.parquet"
-    tag(config(photos, labels_file, out))
+    tag(config(photos, labels_file, out, tiles=tiles))
     schema = pq.read_schema(out)
     names = schema.names
     assert names.index("scores") == names.index("probs") + 1
@@ -125,9 +126,13 @@ def test_metadata_says_how_scores_are_computed(tmp_path, photos, labels_file):
     meta = metadata(out)
     assert "score_baseline" in meta["scores"] and meta["threshold"] == DEFAULT_THRESHOLD
     baseline = np.array(meta["score_baseline"])
+    assert "score_tiled_lift" in meta["scores"] and meta["score_tiled_lift"] > 0
+    tiled = 0
     for row in pq.read_table(out).to_pylist():  # the file alone recomputes the scores
         sim = np.array(row["similarity"])
-        gain = meta["logit_scale"] * (sim - baseline)
+        bar = baseline + (meta["score_tiled_lift"] if row["views"] > 1 else 0.0)
+        tiled += row["views"] > 1
+        gain = meta["logit_scale"] * (sim - bar)
         expected = 1 / (1 + np.exp(-gain))
         assert np.allclose(row["scores"], expected, atol=1e-5)
         assert (
@@ -136,6 +141,7 @@ def test_metadata_says_how_scores_are_computed(tmp_path, photos, labels_file):
                 LABELS[i] for i in np.argsort(-sim) if expected[i] >= DEFAULT_THRESHOLD
             ][:5]
         )
+    assert (tiled > 0) == (tiles == "auto")
 
 
 def test_rows_written_before_scores_are_rescored_or_retagged(tmp_path, labels_file):

@@ -175,6 +175,7 @@ class Classifier:
 
     matrix: torch.Tensor  # (dim, labels)
     baseline: torch.Tensor | None = None  # (labels,) similarity to a content-free image
+    tiled_lift: float = 0.0  # added to the baseline of a tiled image (scoring.tiled_lift)
 
     def to(self, device) -> Classifier:
         base = None if self.baseline is None else self.baseline.to(device)

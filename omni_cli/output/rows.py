@@ -154,11 +154,13 @@ class Tagger:
         distinct = scoring.tile_distinctness(emb, views, whole)  # (views,)
         sim = scoring.combine_views(sim_views, distinct, views, whole, grids, self.overlap)
         probs = scoring.probabilities(sim, enc.logit_scale, enc.logit_bias)
-        return sim, probs, self._scores(sim)
+        return sim, probs, self._scores(sim, views)
 
-    def _scores(self, sim: torch.Tensor) -> torch.Tensor:
-        enc = self.encoder
-        return scoring.label_scores(sim, self.classifier.baseline, enc.logit_scale, enc.logit_bias)
+    def _scores(self, sim: torch.Tensor, views: list[int]) -> torch.Tensor:
+        enc, lift = self.encoder, self.classifier.tiled_lift
+        tiled = torch.tensor([v > 1 for v in views], dtype=torch.float32) * lift  # (images,)
+        return scoring.label_scores(sim, self.classifier.baseline, enc.logit_scale,
+                                    enc.logit_bias, tiled)  # fmt: skip
 
     def _score(self, items: list[Item], emb: torch.Tensor | None) -> _Scored:
         """Launch a group's scoring on the device and the copy of its results to the host."""
@@ -229,7 +231,8 @@ class Tagger:
             sim[ok], probs[ok], scores[ok] = scored
         elif good.num_rows:
             sim[ok], probs[ok] = _matrix(good["similarity"]), _matrix(good["probs"])
-            scores[ok] = self._scores(torch.from_numpy(sim[ok])).float().cpu().numpy()
+            views = good["views"].to_numpy(zero_copy_only=False).astype(int).tolist()
+            scores[ok] = self._scores(torch.from_numpy(sim[ok]), views).float().cpu().numpy()
         names = ["root", "path", "status", "error", "bytes", "mtime_ns", "width", "height", "views"]
         columns = {name: rows[name] for name in names}
         if self.embeddings:
