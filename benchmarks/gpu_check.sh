@@ -9,12 +9,14 @@
 # candidate runs); each part is cut at its limit and what it printed is kept.
 #
 # Wheels the image lacks travel in .whl/ (ignored by git; with the 64 MiB working-tree limit in
-# mind). Chosen: nvImageCodec and the nvJPEG library it loads (29 MiB together), from the repo root:
+# mind). Chosen: nvImageCodec and the nvJPEG library it loads (29 MiB together), and the
+# HEIC and RAW decoders the format tests need (9 MiB), from the repo root:
 #   W="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #      --platform manylinux2014_x86_64 -d .whl"
 #   python3 -m pip download $W nvidia-nvimgcodec-cu13==0.9.0.20   # 25 MB
 #   python3 -m pip download $W nvidia-nvjpeg==13.0.4.44           # 4 MB (CUDA 13.0, as torch)
+#   python3 -m pip download $W pillow-heif==1.8.1 rawpy==0.28.0   # 9 MB: HEIC and RAW tests
 # Not carried: onnxruntime-gpu (~300 MB) and torch-tensorrt + tensorrt (GBs) are far over the
 # limit, so the `tensorrt` runtime is prepared (model/runtimes.py) but not measured here; the
 # image's onnxruntime is CPU-only. bitsandbytes (int8/nf4) may be added as before:
