@@ -180,3 +180,28 @@ def test_a_file_the_device_rejects_is_decoded_outside_the_main_process(tmp_path,
         for rel, it in items.items()
         if rel != "crash_refused.jpg"
     )
+
+
+def test_a_worker_that_dies_while_the_loader_starts_costs_one_file(
+    tmp_path, hostile_decoder, monkeypatch
+):
+    """PyTorch raises a worker's death from its SIGCHLD handler until the loader takes its
+    workers off that watch; a death in that window (the first file crashes at once) is caught."""
+    from omni_cli.inputs import loader as loader_module
+
+    real = loader_module._own_worker_deaths
+
+    def slow(batches):
+        time.sleep(2.0)  # the crashing worker dies while its death is still PyTorch's to raise
+        real(batches)
+
+    monkeypatch.setattr(loader_module, "_own_worker_deaths", slow)
+    folder = tmp_path / "f"
+    make_folder(folder, 6)
+    (folder / "crash0.jpg").write_bytes((folder / "img000.jpg").read_bytes())
+    entries = list(discover([folder]))
+    loader = make_loader(entries, decode.Preprocess(), files=1, workers=2, timeout=5.0)
+    seen = [item for batch in loader for item in batch.items]
+    assert sorted(i.entry.rel for i in seen) == sorted(e.rel for e in entries)
+    errors = {i.entry.rel: i.error for i in seen if i.error}
+    assert list(errors) == ["crash0.jpg"] and errors["crash0.jpg"].startswith("crashed the decoder")

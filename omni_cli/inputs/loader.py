@@ -23,6 +23,7 @@ cannot be caught.
 from __future__ import annotations
 
 import collections
+import gc
 import multiprocessing as mp
 import os
 import time
@@ -287,8 +288,7 @@ class CrashSafeLoader:
             self.dataset.busy = isolate.Busy(self.num_workers)
             batches = None
             try:
-                batches = iter(self._loader(pending, dispatched))
-                _own_worker_deaths(batches)
+                batches = _start(self._loader(pending, dispatched))
                 for batch in _until_death(batches):
                     delivered.update(batch.indices)
                     yield batch
@@ -298,6 +298,8 @@ class CrashSafeLoader:
                 self.restarts += 1
             finally:
                 _shut_down(batches)
+                if batches is None:  # died while starting: collect its half-made iterator
+                    gc.collect()
                 del batches
             lost = [i for chunk in dispatched for i in chunk if i not in delivered]
             if not held & set(lost):  # died between files: suspect the first one it lost
@@ -407,6 +409,18 @@ class _WorkerDied(Exception):
     pass
 
 
+def _start(loader: DataLoader):
+    """The loader's iterator, its workers off PyTorch's SIGCHLD watch. A worker that dies
+    before that (on the first files it is handed) surfaces here: `_WorkerDied`."""
+    try:
+        batches = iter(loader)
+        _own_worker_deaths(batches)
+    except RuntimeError as exc:
+        _raise_if_death(exc)
+        raise
+    return batches
+
+
 def _until_death(batches):
     """The DataLoader's batches; a worker's death becomes `_WorkerDied`."""
     while True:
@@ -415,11 +429,15 @@ def _until_death(batches):
         except StopIteration:
             return
         except RuntimeError as exc:
-            text = str(exc)
-            if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed" in text):
-                raise _WorkerDied(text) from None
+            _raise_if_death(exc)
             raise
         yield batch
+
+
+def _raise_if_death(exc: RuntimeError) -> None:
+    text = str(exc)
+    if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed" in text):
+        raise _WorkerDied(text) from None
 
 
 def _shut_down(batches) -> None:
