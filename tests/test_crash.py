@@ -185,17 +185,18 @@ def test_a_file_the_device_rejects_is_decoded_outside_the_main_process(tmp_path,
 def test_a_worker_that_dies_while_the_loader_starts_costs_one_file(
     tmp_path, hostile_decoder, monkeypatch
 ):
-    """PyTorch raises a worker's death from its SIGCHLD handler until the loader takes its
-    workers off that watch; a death in that window (the first file crashes at once) is caught."""
-    from omni_cli.inputs import loader as loader_module
+    """PyTorch hands workers their first files inside the iterator's start and raises a
+    registered worker's death from its SIGCHLD handler wherever the main thread is: a file that
+    crashes at once must not end the run from there (seen once in CI)."""
+    from torch.utils.data import dataloader
 
-    real = loader_module._own_worker_deaths
+    real = dataloader._MultiProcessingDataLoaderIter._reset
 
-    def slow(batches):
-        time.sleep(2.0)  # the crashing worker dies while its death is still PyTorch's to raise
-        real(batches)
+    def slow(self, loader, first_iter=False):
+        real(self, loader, first_iter)
+        time.sleep(2.0)  # the first files are handed out; the crashing worker dies meanwhile
 
-    monkeypatch.setattr(loader_module, "_own_worker_deaths", slow)
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_reset", slow)
     folder = tmp_path / "f"
     make_folder(folder, 6)
     (folder / "crash0.jpg").write_bytes((folder / "img000.jpg").read_bytes())

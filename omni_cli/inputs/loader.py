@@ -23,7 +23,6 @@ cannot be caught.
 from __future__ import annotations
 
 import collections
-import gc
 import multiprocessing as mp
 import os
 import time
@@ -298,8 +297,6 @@ class CrashSafeLoader:
                 self.restarts += 1
             finally:
                 _shut_down(batches)
-                if batches is None:  # died while starting: collect its half-made iterator
-                    gc.collect()
                 del batches
             lost = [i for chunk in dispatched for i in chunk if i not in delivered]
             if not held & set(lost):  # died between files: suspect the first one it lost
@@ -410,14 +407,32 @@ class _WorkerDied(Exception):
 
 
 def _start(loader: DataLoader):
-    """The loader's iterator, its workers off PyTorch's SIGCHLD watch. A worker that dies
-    before that (on the first files it is handed) surfaces here: `_WorkerDied`."""
+    """The loader's iterator, its workers never on PyTorch's SIGCHLD watch.
+
+    PyTorch registers the workers for its SIGCHLD handler before it hands them their first
+    files, and that handler raises a death wherever the main thread is, even inside the
+    iterator's own start (where the half-made iterator cannot be shut down cleanly). So the
+    registration is skipped while the iterator starts (private API, like `_own_worker_deaths`,
+    its fallback): deaths surface in the wait for the next batch.
+    """
+    try:
+        from torch.utils.data._utils import signal_handling
+    except ImportError:  # pragma: no cover - another PyTorch
+        signal_handling = None
+    real = getattr(signal_handling, "_set_worker_pids", None)
+    if real is not None:
+        signal_handling._set_worker_pids = lambda *args: None
     try:
         batches = iter(loader)
-        _own_worker_deaths(batches)
     except RuntimeError as exc:
         _raise_if_death(exc)
         raise
+    finally:
+        if real is not None:
+            signal_handling._set_worker_pids = real
+    if real is not None:
+        batches._worker_pids_set = False  # nothing registered, nothing to remove
+    _own_worker_deaths(batches)
     return batches
 
 
