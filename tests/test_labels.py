@@ -12,9 +12,9 @@ from omni_cli.model.labels import (
     IMAGENET_TEMPLATES,
     NEUTRAL_LEVELS,
     cached_classifier,
-    cached_neutral,
+    cached_content_free,
     classifier,
-    neutral_pixels,
+    content_free_pixels,
     prompts_for,
     read_labels,
 )
@@ -113,11 +113,13 @@ def test_classifier_cache_is_keyed_by_model_and_prompts(tmp_path, monkeypatch):
     assert not hit
 
 
-def test_neutral_embedding_is_the_mean_over_flat_greys_and_cached_per_model(tmp_path, monkeypatch):
+def test_content_free_images_hold_no_colour_and_are_cached_per_model(tmp_path, monkeypatch):
     monkeypatch.setenv("OMNI_CACHE_DIR", str(tmp_path))
-    pixels = neutral_pixels(4)
-    assert pixels.shape == (len(NEUTRAL_LEVELS), 3, 4, 4) and pixels.dtype == torch.uint8
-    assert [int(p.min()) for p in pixels] == [int(p.max()) for p in pixels] == list(NEUTRAL_LEVELS)
+    pixels = content_free_pixels(4)
+    assert pixels.shape == (len(NEUTRAL_LEVELS) + 4 + 2, 3, 4, 4) and pixels.dtype == torch.uint8
+    assert torch.equal(pixels[:, 0], pixels[:, 1]) and torch.equal(pixels[:, 0], pixels[:, 2])
+    flat = pixels[: len(NEUTRAL_LEVELS)]  # first the flat greys
+    assert [int(p.min()) for p in flat] == [int(p.max()) for p in flat] == list(NEUTRAL_LEVELS)
     seen = []
 
     def encode(batch):  # (n, 3, H, W) -> (n, 2): brightness, and a constant
@@ -125,12 +127,13 @@ def test_neutral_embedding_is_the_mean_over_flat_greys_and_cached_per_model(tmp_
         level = batch.float().mean(dim=(1, 2, 3)) / 255
         return torch.stack([level, torch.ones_like(level)], dim=1)
 
-    mean, hit = cached_neutral(encode, 4, "model@1")
-    grey = sum(NEUTRAL_LEVELS) / len(NEUTRAL_LEVELS) / 255
-    assert not hit and torch.allclose(mean, torch.tensor([grey, 1.0]))
-    again, hit = cached_neutral(encode, 4, "model@1")
-    assert hit and torch.equal(mean, again) and seen == [len(NEUTRAL_LEVELS)]
-    assert not cached_neutral(encode, 4, "model@2")[1]
+    want = encode(pixels)
+    seen.clear()
+    blank, hit = cached_content_free(encode, 4, "model@1")
+    assert not hit and torch.allclose(blank, want)
+    again, hit = cached_content_free(encode, 4, "model@1")
+    assert hit and torch.equal(blank, again) and seen == [len(pixels)]
+    assert not cached_content_free(encode, 4, "model@2")[1]
 
 
 def cache_files(tmp_path, kind="labels"):

@@ -185,16 +185,8 @@ class Classifier:
         return self.to("cpu")
 
 
-def neutral_pixels(size: int) -> torch.Tensor:
-    """The content-free images as a (n, 3, size, size) uint8 batch (flat, so no resizing)."""
-    import torch
-
-    levels = torch.tensor(NEUTRAL_LEVELS, dtype=torch.uint8).view(-1, 1, 1, 1)
-    return levels.expand(-1, 3, size, size).contiguous()
-
-
 def content_free_pixels(size: int) -> torch.Tensor:
-    """Images with nothing in them, (13, 3, size, size) uint8: the greys of NEUTRAL_LEVELS,
+    """Images with nothing in them, (11, 3, size, size) uint8: the greys of NEUTRAL_LEVELS,
     grey noise (fine and in 8 px cells, full and light range), and a horizontal and a vertical
     grey ramp. No colour, no shapes: what every model can be shown to learn where a label's
     similarity sits when there is nothing to see, and how much it varies there."""
@@ -216,7 +208,7 @@ def content_free_pixels(size: int) -> torch.Tensor:
 def cached_content_free(
     encode_images: Callable[[torch.Tensor], torch.Tensor], size: int, model_key: str | None
 ) -> tuple[torch.Tensor, bool]:
-    """The embeddings (13, dim) of `content_free_pixels`, cached per model like the matrix."""
+    """The embeddings (11, dim) of `content_free_pixels`, cached per model like the matrix."""
     return _cached(
         "content-free",
         [model_key, size, "greys, grey noise, grey ramps v1"],
@@ -239,21 +231,6 @@ def cached_classifier(
         [model_key, list(prompts)],
         lambda m: m.dim() == 2 and m.shape[1] == len(prompts),
         lambda: classifier(encode_texts, prompts),
-    )
-
-
-def cached_neutral(
-    encode_images: Callable[[torch.Tensor], torch.Tensor], size: int, model_key: str | None
-) -> tuple[torch.Tensor, bool]:
-    """The mean embedding (dim,) of the content-free images, cached per model like the matrix.
-
-    Its product with the classifier matrix is each label's mean similarity to those images.
-    """
-    return _cached(
-        "neutral",
-        [model_key, size, list(NEUTRAL_LEVELS)],
-        lambda v: v.dim() == 1,
-        lambda: encode_images(neutral_pixels(size)).float().mean(dim=0),
     )
 
 
