@@ -82,14 +82,6 @@ def discover(
     for arg in inputs:
         given = str(arg)
         if os.path.isdir(given):
-            try:
-                with os.scandir(given):
-                    pass
-            except OSError as exc:
-                raise InputUnreadable(
-                    f"cannot list input folder {printable(given)}: {exc.strerror}; "
-                    "nothing was touched"
-                ) from None
             found = _walk(printable(given), given, "", recursive, folders, problems)
         else:
             folder = printable(os.path.dirname(given) or ".")
@@ -111,6 +103,10 @@ def _walk(
         with os.scandir(folder) as it:
             children = sorted(it, key=lambda e: e.name)
     except OSError as exc:  # its rows are kept: a folder we cannot read is not an empty one
+        if not prefix:
+            raise InputUnreadable(
+                f"cannot list input folder {printable(folder)}: {exc.strerror}; nothing was touched"
+            ) from None
         unlisted.append(Unlisted(root, printable(prefix), f"cannot list folder: {exc.strerror}"))
         return
     for child in children:
