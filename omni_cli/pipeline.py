@@ -12,6 +12,7 @@ interrupted run, rows of the previous output whose files are unchanged) and tags
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -20,22 +21,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import __version__
 from .config import TagConfig
-from .errors import Interrupted, Terminated
+from .errors import Interrupted, OmniError, Terminated
 from .inputs.listing import Files
-from .inputs.sources import FileEntry, Unlisted, check_inputs, discover
+from .inputs.sources import Unlisted, check_inputs, discover
 from .model import hub
 from .model.labels import Label, long_labels, prompts_for, read_labels
 from .output import verify
+from .output.compare import Lookup, Survey, survey
 from .output.finish import finish, recover
 from .output.identity import request
 from .output.lock import OutputLock
 from .output.sink import Sink, check_writable, partial_dir, schema
-from .output.state import Plan, check_shrink, entry_key, held_rows, plan_work, unchanged
+from .output.state import Plan, check_shrink, held_rows, plan_work, unchanged
 from .text import utf8_or_none
 
 if TYPE_CHECKING:
@@ -118,13 +121,16 @@ def tag(
 
 @dataclass(frozen=True)
 class Listing:
-    """What the inputs hold now, as both engines start from it (under the output's lock)."""
+    """What the inputs hold now, and what the previous output holds of them, as both engines
+    start from it (under the output's lock)."""
 
     entries: Files  # files found, plus the rows held under folders not listed
-    held: frozenset  # keys of those held rows: kept as they are
+    lookup: Lookup  # finds a file by (root, path)
+    survey: Survey | None  # the previous output, read once (None: there is none)
+    held: int | None  # entries from this index on are rows held under folders not listed
     unlisted: list[tuple[str, str, str]]  # (root, folder, reason) of folders not listed
     result: TagResult | None  # set when nothing changed: the run ends here
-    force: frozenset = frozenset()  # keys of files whose content changed (--verify)
+    force: np.ndarray | None = None  # indices of files whose content changed (--verify)
     digests: tuple = ()  # --verify: the content hash of each entry, recorded when the run ends
 
     def done(self, cfg: TagConfig) -> None:
@@ -134,8 +140,9 @@ class Listing:
 
 
 def list_inputs(cfg: TagConfig, labels, prompts, emit: Callable[[Progress], None]) -> Listing:
-    """List the inputs; end the run if nothing changed; refuse a run that would empty the
-    output (an unmounted share) before any model is loaded."""
+    """List the inputs and read the previous output's keys once; end the run if nothing
+    changed; refuse a run that would empty the output (an unmounted share) before any model
+    is loaded."""
     recover(cfg.output)
     emit(Progress("scan", message="listing files"))
     problems: list[Unlisted] = []
@@ -147,25 +154,38 @@ def list_inputs(cfg: TagConfig, labels, prompts, emit: Callable[[Progress], None
     if not entries:
         where = ", ".join(map(str, cfg.inputs))
         emit(Progress("note", message=f"no image files found under {where}"))
+    listed = len(entries)
     entries = entries.plus(held)
-    force, digests = frozenset(), ()
+    force, digests = None, ()
     if cfg.verify:
         force, digests = _verify(cfg, entries, emit)
-    kept = None if force else unchanged(cfg, entries, request(cfg, labels, prompts))
+    lookup = Lookup(entries)
+    previous = survey(cfg.output, lookup)
+    kept = None if force is not None else unchanged(cfg, entries, previous,
+                                                     request(cfg, labels, prompts))  # fmt: skip
     done = None
     if kept is not None:
         n = len(entries)
         done = TagResult(cfg.output, n, 0, 0, n, kept, unchanged=True, unlisted=unlisted)
     else:
-        check_shrink(cfg, entries, cfg.allow_shrink)
-    listing = Listing(entries, frozenset(map(entry_key, held)), unlisted, done, force, digests)
+        check_shrink(cfg, entries, previous, cfg.allow_shrink)
+    listing = Listing(entries, lookup, previous, listed if held else None, unlisted, done,
+                      force, digests)  # fmt: skip
     if done is not None:
         listing.done(cfg)
+    release_memory()
     return listing
 
 
-def _verify(cfg: TagConfig, entries: list[FileEntry], emit) -> tuple[frozenset, tuple]:
-    """Hash every file; the keys of those whose content differs from the recorded hash."""
+def release_memory() -> None:
+    """Give back what listing and comparing left behind (Python's and Arrow's free lists),
+    so that the model and the decoders start from what the run still holds."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+
+
+def _verify(cfg: TagConfig, entries: Files, emit) -> tuple[np.ndarray | None, tuple]:
+    """Hash every file; the indices of those whose content differs from the recorded hash."""
     total = len(entries)
     emit(Progress("scan", 0, total, message="verifying content hashes"))
     digests = verify.hash_entries(
@@ -175,8 +195,8 @@ def _verify(cfg: TagConfig, entries: list[FileEntry], emit) -> tuple[frozenset, 
     if moved:
         emit(Progress("note", message=f"--verify: {len(moved):,} files changed in content "
                       "although their size and mtime did not: tagging them again"))  # fmt: skip
-    force = frozenset(entry_key(e) for e in entries if (e.root, e.rel) in moved)
-    return force, tuple(digests)
+    force = [i for i, e in enumerate(entries) if (e.root, e.rel) in moved]
+    return (np.array(force, np.int64) if force else None), tuple(digests)
 
 
 def make_feeder(cfg: TagConfig, encoder: Encoder, todo: Files, jpeg_decoder=None) -> Feeder:
@@ -236,6 +256,8 @@ def write_rows(
         total = finish(cfg.output, plan, sink, rescore)
     except (KeyboardInterrupt, Terminated) as exc:
         raise _interrupted(exc, sink.saved + plan.resumed, cfg.output, finishing=True) from None
+    if cfg.save_embeddings:
+        refresh_index(cfg.output, emit)
     result = TagResult(
         cfg.output,
         total,
@@ -252,6 +274,22 @@ def write_rows(
     if plan.carried_rows and plan.rescore:
         result.retopped = total - done
     return result
+
+
+def refresh_index(output: Path, emit: Callable[[Progress], None]) -> None:
+    """Keep the output's search index in step, where `omni search` has built one: only the
+    segments of files this run wrote are built. A failure costs the next search, not this run."""
+    from .look import index
+
+    try:
+        built = index.refresh(output)
+    except (OmniError, OSError) as exc:
+        emit(Progress("note", message=f"search index not updated ({exc}): the next "
+                      "`omni search` brings it in step"))  # fmt: skip
+        return
+    if built is not None:
+        emit(Progress("note", message=f"search index kept in step: {built} of its segments "
+                      "built"))  # fmt: skip
 
 
 def _interrupted(
@@ -326,7 +364,15 @@ def plan_run(
     names = [lab.name for lab in labels]
     meta = run_metadata(cfg, encoder, labels=labels, prompts=prompts, classifier=classifier)
     out_schema = schema(len(labels), embeddings=cfg.save_embeddings, metadata=meta)
-    plan = plan_work(cfg, listing.entries, out_schema, held=listing.held, force=listing.force)
+    plan = plan_work(
+        cfg,
+        listing.entries,
+        listing.lookup,
+        listing.survey,
+        out_schema,
+        held=listing.held,
+        force=listing.force,
+    )
     if plan.message:
         emit(Progress("note", message=plan.message))
     cut = long_labels(names, prompts, encoder.too_long)

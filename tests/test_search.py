@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +339,37 @@ def test_terminal_escapes_in_names_are_printed_as_escapes(tmp_path):
     html = page.read_text()
     assert not any(c in html for c in RAW)
     assert "\\x1b]0;pwn\\x07.jpg" in html and "\\x1b[2Jbad\\x9b.jpg" in html
+
+
+def test_tag_keeps_an_archive_index_in_step(archive, tmp_path, monkeypatch):
+    """A night over an archive whose index exists: `omni tag` builds the segments of the parts
+    it wrote (the others are hard links under new names, and keep theirs), and the next search
+    builds nothing and sees the night."""
+    from omni_cli.output import archive as archive_module
+
+    monkeypatch.setattr(archive_module, "TARGET_BYTES", 3_000)  # several parts
+    photos = tmp_path / "photos"
+    shutil.copytree(archive["folder"], photos)
+    labels = archive["folder"].parent / "labels.txt"
+    out = tmp_path / "tags"
+    args = [photos, "--labels", labels, "-o", out, "--model", MODEL, "--workers", 0,
+            "--precision", "fp32", "--save-embeddings"]  # fmt: skip
+    assert omni_tag(*args).exit_code == 3
+    before = found(omni("search", out, "blue square", "-k", 1000, "--json"))
+    segments = len(list(index_folder(out).glob("seg-*.npy")))
+    assert segments >= 4
+    gone = sorted(p for p in archive["truth"] if p.startswith("green"))[0]
+    (photos / gone).unlink()
+    shape_image("blue square", seed=999).save(photos / "red_circle_00.jpg", format="JPEG")
+    result = omni_tag(*args)
+    assert result.exit_code == 3, result.output
+    built = re.search(r"search index kept in step: (\d+) of its segments built", result.output)
+    assert built and 1 <= int(built.group(1)) < segments
+    build = index_module._build
+    monkeypatch.setattr(index_module, "_build", _no_build)
+    after = found(omni("search", out, "blue square", "-k", 1000, "--json"))
+    assert {h["path"] for h in after} == {h["path"] for h in before} - {gone}
+    assert after[0]["path"] == "red_circle_00.jpg"  # now a blue square
+    monkeypatch.setattr(index_module, "_build", build)
+    shutil.rmtree(index_folder(out))
+    assert found(omni("search", out, "blue square", "-k", 1000, "--json")) == after  # as built

@@ -70,3 +70,22 @@ def test_undecodable_names_are_escaped_but_openable(tmp_path):
 def test_missing_input_is_an_error_before_any_work(tmp_path):
     with pytest.raises(InputNotFound, match="input not found"):
         list(discover([tmp_path / "nope"]))
+
+
+def test_every_real_file_once_however_it_is_reached(tmp_path):
+    """Hard links, symlinked files, overlapping inputs and file arguments (either order)."""
+    touch(tmp_path / "p/a.jpg", b"a")
+    touch(tmp_path / "p/scans/b.jpg", b"b")
+    touch(tmp_path / "p/c.jpg", b"c")
+    os.link(tmp_path / "p/a.jpg", tmp_path / "p/z-hard.jpg")
+    os.symlink(tmp_path / "p/c.jpg", tmp_path / "p/y-link.jpg")
+    p = tmp_path / "p"
+
+    def listed(*inputs):
+        return [(os.path.relpath(e.root, tmp_path), e.rel) for e in discover(list(inputs))]
+
+    assert listed(p) == [("p", "a.jpg"), ("p", "c.jpg"), ("p", "scans/b.jpg")]
+    assert listed(p, p / "scans") == listed(p)
+    assert listed(p / "scans", p) == [("p/scans", "b.jpg"), ("p", "a.jpg"), ("p", "c.jpg")]
+    assert listed(p / "c.jpg", p) == [("p", "c.jpg"), ("p", "a.jpg"), ("p", "scans/b.jpg")]
+    assert listed(p, p / "c.jpg") == listed(p)

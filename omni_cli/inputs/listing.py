@@ -47,7 +47,7 @@ class Files:
                 pending = []
         if pending or not chunks:
             chunks.append(_batch(pending))
-        return cls(pa.Table.from_batches(chunks, schema=COLUMNS))
+        return cls(pa.Table.from_batches(chunks, schema=COLUMNS).combine_chunks())
 
     def plus(self, entries: Sequence[FileEntry]) -> Files:
         """These files and `entries` after them."""

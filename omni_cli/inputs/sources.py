@@ -41,7 +41,9 @@ class FileEntry:
     bytes: int = 0
     mtime_ns: int = 0
     error: str | None = None
-    identity: tuple[int, int] | None = field(default=None, compare=False)  # (device, inode)
+    # device << 64 | inode: one int, not a tuple, since a run over a million files holds
+    # every one of them in a set while it lists
+    identity: int | None = field(default=None, compare=False)
 
 
 def printable(name: str) -> str:
@@ -77,7 +79,7 @@ def discover(
     `unlisted`; an input folder that cannot be listed raises `InputUnreadable`."""
     check_inputs(inputs)
     folders: set = set()  # (device, inode) of every folder walked, across the inputs
-    files: set = set()  # (device, inode) of every file listed
+    files: set = set()  # `identity` of every file listed
     problems = unlisted if unlisted is not None else []
     for arg in inputs:
         given = str(arg)
@@ -133,7 +135,7 @@ def _entry(root: str, rel: str, path: str) -> FileEntry:
         return FileEntry(root, rel, path, error=reason)
     except OSError as exc:
         return FileEntry(root, rel, path, error=f"cannot stat: {exc.strerror}")
-    identity = (info.st_dev, info.st_ino)
+    identity = info.st_dev << 64 | info.st_ino
     if not stat.S_ISREG(info.st_mode):
         return FileEntry(root, rel, path, info.st_size, info.st_mtime_ns, "not a regular file",
                          identity)  # fmt: skip

@@ -128,7 +128,10 @@ def open_index(output: Output, progress: Progress | None = None) -> Index:
             "mtime_ns": info.st_mtime_ns,
             "inode": info.st_ino,
         }
-        entry["id"] = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:20]
+        # The file itself, not its name: an archive's next version hard-links the parts a night
+        # did not touch under new names, and their segments stay.
+        same = {"device": info.st_dev, **{k: entry[k] for k in ("size", "mtime_ns", "inode")}}
+        entry["id"] = hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:20]
         with handle:
             segment = _load(folder, entry["id"]) if entry["id"] in old else None
             if segment is None:
@@ -157,8 +160,37 @@ def open_index(output: Output, progress: Progress | None = None) -> Index:
     return Index(output.path, output.meta, folder, segments, dims.pop(), rebuilt)
 
 
+def refresh(path: Path, progress: Progress | None = None) -> int | None:
+    """Bring an existing index in step with its output (`omni tag` calls this when it has
+    written one); the segments built, or None when the output has no index yet."""
+    from .reader import open_output
+
+    if not _existing_folder(Path(path)):
+        return None
+    output = open_output(path)
+    if "embedding" not in output.names:
+        return None
+    return open_index(output, progress).rebuilt
+
+
 # ---------------------------------------------------------------------------------------------
 # Where the index lives, and its manifest.
+
+
+def _existing_folder(output: Path) -> Path | None:
+    """The folder of an index already built for `output` (beside it, or in the cache)."""
+    beside = index_folder(output)
+    if (beside / MANIFEST).is_file():
+        return beside
+    folder = _cache_folder(output)
+    return folder if (folder / MANIFEST).is_file() else None
+
+
+def _cache_folder(output: Path) -> Path:
+    from ..model.labels import cache_dir
+
+    key = hashlib.sha256(os.fsencode(os.path.abspath(output))).hexdigest()[:20]
+    return cache_dir() / "index" / key
 
 
 def _writable_folder(output: Path) -> Path:
@@ -170,10 +202,7 @@ def _writable_folder(output: Path) -> Path:
             return beside
     except OSError:
         pass
-    from ..model.labels import cache_dir
-
-    key = hashlib.sha256(os.fsencode(os.path.abspath(output))).hexdigest()[:20]
-    folder = cache_dir() / "index" / key
+    folder = _cache_folder(output)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

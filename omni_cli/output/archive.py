@@ -44,7 +44,6 @@ from .layout import (
     fsync,
     fsync_dir,
     meta_json,
-    row_keys,
     versions_dir,
     write_file,
 )
@@ -221,7 +220,7 @@ class Previous:
     version: Path
     parts: tuple[Part, ...]
     carried: tuple[int, ...]  # rows of each part that stay
-    drop: pa.Array  # full keys (root, path, bytes, mtime_ns) of its rows that go
+    stays: dict[str, np.ndarray]  # per part name: which of its rows stay, in file order
     rescore: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None  # None: rows stay as are
 
 
@@ -334,16 +333,29 @@ def _regions(parts, previous: Previous, starts, ends, new_row_bytes, target):
 def _old_rows(path: Path, previous: Previous) -> Iterator[pa.RecordBatch]:
     """A previous part's rows that stay, row group by row group, rescored if asked."""
     try:
-        file = pq.ParquetFile(path, pre_buffer=False)
-        for g in range(file.num_row_groups):
-            table = file.read_row_group(g)
-            if len(previous.drop):
-                table = table.filter(pc.invert(pc.is_in(row_keys(table), previous.drop)))
+        for table in kept_rows(path, previous.stays[path.name]):
             for batch in table.to_batches():
                 if batch.num_rows:
                     yield previous.rescore(batch) if previous.rescore else batch
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"cannot read {path} ({exc}); the archive was not changed") from None
+
+
+def kept_rows(path: Path, stays: np.ndarray) -> Iterator[pa.Table]:
+    """A Parquet file's rows where `stays` (a flag a row, in file order), a row group at a time.
+
+    The flags come from reading the same file earlier under the same lock (`compare.survey`);
+    files are never rewritten in place, so the rows line up.
+    """
+    file = pq.ParquetFile(path, pre_buffer=False)
+    if file.metadata.num_rows != len(stays):
+        raise OutputError(f"{path} changed while this run held its lock; nothing was touched")
+    at = 0
+    for g in range(file.num_row_groups):
+        table = file.read_row_group(g)
+        keep = stays[at : at + table.num_rows]
+        at += table.num_rows
+        yield table if keep.all() else table.filter(pa.array(keep))
 
 
 def _merge(old, new: NewRows, lo: int, hi: int, schema: pa.Schema) -> Iterator[pa.RecordBatch]:

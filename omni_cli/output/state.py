@@ -21,19 +21,20 @@ that crashed or hung the decoder (`STICKY_ERRORS`) are kept like finished rows u
 changes, so that one poisonous file is not met again every night; other error rows are retried
 by any run with other work to do.
 
-`unchanged` answers the nightly question cheaply, from `stat` and the previous output's keys
-and metadata alone: if every file is as it was and the run is asked for the same way, there is
-nothing to do, not even a model to load. Error rows of unchanged files count as done then;
-any run with other work to do tries them again.
+The previous output is read once, before the model loads, into a few bytes a row
+(`compare.Survey`); every decision here is made from that and from the listing, so memory
+grows with neither the output's size nor its labels. `unchanged` answers the nightly question
+cheaply, from `stat` and that survey alone: if every file is as it was and the run is asked
+for the same way, there is nothing to do, not even a model to load. Error rows of unchanged
+files count as done then; any run with other work to do tries them again.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +49,11 @@ from ..inputs.sources import FileEntry, Unlisted, printable
 from ..model import hub, identity
 from . import archive, layout
 from .archive import Part
+from .compare import KEY_COLUMNS, Lookup, Survey
 from .identity import ENCODING, IDENTITY, SCORING, TOPS, differences, fingerprint
 from .layout import META_KEY, row_keys
 from .sink import partial_dir
 from .sink import schema as output_schema
-
-# Error rows that stay until their file changes (inputs.loader writes them): retrying them
-# would meet the same crash or hang every night.
-STICKY_ERRORS = ("crashed the decoder", "decoder timed out")
 
 
 @dataclass(frozen=True)
@@ -64,12 +62,12 @@ class Plan:
 
     todo: Files  # the files to tag, as a table: indexing one makes its FileEntry
     schema: pa.Schema
-    keep: pa.Array  # keys (root, path, bytes, mtime_ns) of rows that belong in the output
+    accept: pa.Array  # keys (root, path, bytes, mtime_ns) of the rows this run may add
     previous: tuple[Path, ...] = ()  # the previous output's files whose unchanged rows stay
+    stays: dict[str, np.ndarray] = field(default_factory=dict)  # per file name: rows that stay
     version: Path | None = None  # the archive version they belong to
     parts: tuple[Part, ...] = ()  # ... its parts (archive layout)
     part_carried: tuple[int, ...] = ()  # rows of each part that stay
-    drop: pa.Array | None = None  # keys of the previous output's rows that do not stay
     carried_rows: int = 0
     relabel: bool = False  # labels changed: rescore carried rows from their embeddings
     rescore: bool = False  # scores or top tags differ: recompute them for carried rows
@@ -85,10 +83,7 @@ class Plan:
         group without pre-buffering, so memory does not grow with the output.
         """
         for path in self.previous if self.carried_rows else ():
-            file = pq.ParquetFile(path, pre_buffer=False)
-            for g in range(file.num_row_groups):
-                table = file.read_row_group(g)
-                table = table.filter(pc.invert(pc.is_in(row_keys(table), value_set=self.drop)))
+            for table in archive.kept_rows(path, self.stays[path.name]):
                 for rows in table.to_batches(max_chunksize=4096):
                     if not rows.num_rows:
                         continue
@@ -104,28 +99,11 @@ class Plan:
         how = None
         if self.rescore and rescore is not None:
             how = functools.partial(rescore, relabel=self.relabel)
-        drop = self.drop if self.drop is not None else pa.array([], pa.string())
-        return archive.Previous(self.version, self.parts, self.part_carried, drop, how)
+        return archive.Previous(self.version, self.parts, self.part_carried, self.stays, how)
 
     def matches(self, batch: pa.RecordBatch | pa.Table) -> pa.Array:
-        """Which rows describe a file exactly as it is now."""
-        return pc.is_in(row_keys(batch), value_set=self.keep)
-
-
-def entry_key(e: FileEntry) -> str:
-    return f"{e.root}\x00{e.rel}\x00{e.bytes}\x00{e.mtime_ns}"
-
-
-def file_keys(entries: Files | Sequence[FileEntry]) -> pa.Array:
-    """The keys of the files found now, as `row_keys` makes them of rows."""
-    if isinstance(entries, Files):
-        return entries.keys()
-    return pa.array([entry_key(e) for e in entries], pa.string())
-
-
-def metadata(schema: pa.Schema) -> dict:
-    """The run's metadata an in-memory output schema carries."""
-    return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
+        """Which of the rows this run flushed describe a file exactly as it is now."""
+        return pc.is_in(row_keys(batch), value_set=self.accept)
 
 
 def columns(labels: int, embeddings: bool) -> list[str]:
@@ -133,93 +111,91 @@ def columns(labels: int, embeddings: bool) -> list[str]:
     return output_schema(labels, embeddings=embeddings, metadata={}).names
 
 
-def unchanged(cfg: TagConfig, entries: Files | Sequence[FileEntry], request: dict):
+def metadata(schema: pa.Schema) -> dict:
+    """The run's metadata an in-memory output schema carries."""
+    import json
+
+    return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
+
+
+def unchanged(cfg: TagConfig, files: Files, survey: Survey | None, request: dict):
     """The previous output's error rows if this run has nothing to do, else None.
 
     Nothing to do: no interrupted run, the previous output was asked for exactly as this run
     is (`request`: model and revision, options, labels and prompts), and it holds one row per
     file found now, each with the file's current size and mtime.
     """
-    if cfg.full or partial_dir(cfg.output).exists():
+    if cfg.full or partial_dir(cfg.output).exists() or survey is None or survey.error:
         return None
-    files = layout.parts(cfg.output)
-    meta = layout.metadata(cfg.output)
-    if not files or meta is None or meta.get("request") != request:
+    meta = survey.meta
+    if meta is None or meta.get("request") != request:
         return None
-    if _names(files) != columns(len(request["labels"]), cfg.save_embeddings):
+    if survey.names != columns(len(request["labels"]), cfg.save_embeddings):
         return None  # written by another version of omni: its columns differ
-    try:
-        table = _keys(files, ["root", "path", "status", "error", "bytes", "mtime_ns"])
-    except (OSError, pa.ArrowException):
-        return None
-    if table.num_rows != len(entries):
-        return None
-    now = file_keys(entries)
-    if not pc.all(pc.is_in(now, value_set=row_keys(table))).as_py():
-        return None
-    if pc.count_distinct(now).as_py() != len(entries):
-        return None
-    errors = table.filter(pc.equal(table["status"], "error"))
-    return list(zip(*(errors[c].to_pylist() for c in ("root", "path", "error")), strict=True))
+    if survey.rows != len(files) or not survey.described(len(files)).all():
+        return None  # as many rows as files, each file described: one row per file
+    return [(root, path, error) for _, root, path, error in survey.errors]
 
 
 def plan_work(
     cfg: TagConfig,
-    entries: Files | Sequence[FileEntry],
+    files: Files,
+    lookup: Lookup,
+    survey: Survey | None,
     schema: pa.Schema,
-    held: frozenset = frozenset(),
-    force: frozenset = frozenset(),
+    held: int | None = None,
+    force: np.ndarray | None = None,
 ) -> Plan:
-    """Split `entries` into work to do and rows to keep; refuse what would lose results.
+    """Split `files` into work to do and rows to keep; refuse what would lose results.
 
-    The one place a run's plan is made; the result is frozen. `held`: keys of the previous
-    output's rows under folders that could not be listed; they are kept as they are, whatever
-    their status. `force`: keys of files whose content changed although their size and mtime
-    did not (`--verify`): their previous rows are not carried. An interrupted run's rows are
-    resumed also under `--full` (it ignores only the previous output), unless they were made
-    differently.
+    The one place a run's plan is made; the result is frozen. `held`: files from that index on
+    are the previous output's rows under folders that could not be listed; they are kept as
+    they are, whatever their status. `force`: indices of files whose content changed although
+    their size and mtime did not (`--verify`): their previous rows are not carried. An
+    interrupted run's rows are resumed also under `--full` (it ignores only the previous
+    output), unless they were made differently.
     """
     want = fingerprint(metadata(schema))
-    now = file_keys(entries)
-    done = pa.array([], pa.string())
+    done = np.zeros(len(files), bool)
     fields: dict = {}
     errors: list = []
     notes = []
     partial = partial_dir(cfg.output)
+    resumed = np.zeros(0, np.int64)
     if partial.exists():
-        resumed = _resume(partial, want, now, cfg) if cfg.resume else None
-        if resumed is None:
+        got = _resume(partial, want, lookup, cfg) if cfg.resume else None
+        if got is None:
             shutil.rmtree(partial, ignore_errors=True)
             why = "--no-resume" if not cfg.resume else "made differently, and --full"
             notes.append(f"an interrupted run's rows were discarded ({why})")
         else:
-            done, errors = resumed
-            fields.update(resumed=len(done))
-            if len(done):
-                notes.append(f"resuming: {len(done):,} rows from an interrupted run")
-    if layout.parts(cfg.output) and not cfg.full:
-        skip = pa.concat_arrays([done, pa.array(sorted(force), pa.string())])
-        note, carried = _previous(cfg, want, schema, now, skip, held)
+            resumed, errors = got
+            done[resumed] = True
+            fields.update(resumed=int(done.sum()))
+            if len(resumed):
+                notes.append(f"resuming: {int(done.sum()):,} rows from an interrupted run")
+    if survey is not None and not cfg.full:
+        skip = done.copy()
+        if force is not None:
+            skip[force] = True
+        note, carried = _previous(cfg, want, schema, survey, skip, held)
         errors += carried.pop("carried_errors", [])
         notes += [note] if note else []
+        done[carried.pop("carry", np.zeros(0, np.int64))] = True
         fields.update(carried)
-        done = pa.concat_arrays([done, carried.get("carry", pa.array([], pa.string()))])
     fields.update(carried_errors=tuple(errors))
-    todo = np.flatnonzero(~pc.is_in(now, value_set=done).to_numpy(zero_copy_only=False))
+    todo = np.flatnonzero(~done)
     # The archive's new rows are merged into its parts in key order: tag them in that order.
-    files = entries if isinstance(entries, Files) else Files.of(entries)
-    todo_entries = files.take(todo, sort=layout.is_archive(cfg.output))
-    fields.pop("carry", None)
-    return Plan(todo_entries, schema, now, message="; ".join(notes), **fields)
+    todo_files = files.take(todo, sort=layout.is_archive(cfg.output))
+    accept = pa.concat_arrays([todo_files.keys(), files.take(np.unique(resumed)).keys()])
+    return Plan(todo_files, schema, accept, message="; ".join(notes), **fields)
 
 
-def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array, done: pa.Array,
-              held: frozenset = frozenset()) -> tuple[str, dict]:  # fmt: skip
+def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, survey: Survey, skip: np.ndarray,
+              held: int | None) -> tuple[str, dict]:  # fmt: skip
     """Decide what the previous output can give this run; returns (note, Plan fields)."""
     output = cfg.output
-    files = layout.parts(output)
-    meta = layout.metadata(output)
-    names = _names(files)
+    meta, names = survey.meta, survey.names
     if meta is None or names is None:
         raise UsageError(
             f"{output} exists but is not an omni output; nothing was touched "
@@ -249,52 +225,51 @@ def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, now: pa.Array, done
             f"{what} and the previous output has no embeddings to rescore from "
             "(see --save-embeddings): tagging everything"
         ), {}
-    try:
-        table = _keys(files, ["root", "path", "status", "error", "bytes", "mtime_ns"],
-                      numbered=True)  # fmt: skip
-    except (OSError, pa.ArrowException) as exc:
-        raise OutputError(f"cannot read {output} ({exc}); nothing was touched") from None
-    keys = row_keys(table)
-    keep = pc.or_(pc.equal(table["status"], "ok"), sticky(table["error"]))
-    if held:
-        keep = pc.or_(keep, pc.is_in(keys, value_set=pa.array(list(held), pa.string())))
-    stays = pc.and_(
-        pc.and_(keep, pc.is_in(keys, value_set=now)),
-        pc.invert(pc.is_in(keys, value_set=done)),
-    )
-    stays = stays.combine_chunks() if isinstance(stays, pa.ChunkedArray) else stays
-    carry = keys.filter(stays)
-    kept_errors = table.filter(stays).filter(pc.equal(table.filter(stays)["status"], "error"))
+    if survey.error:
+        raise OutputError(f"cannot read {output} ({survey.error}); nothing was touched")
+    at = survey.at
+    keep = survey.keepable.copy()
+    if held is not None:
+        keep |= at >= held  # rows under folders that could not be listed stay as they are
+    stays = keep & survey.same
+    stays[stays] = ~skip[at[stays]]
+    # One row per file: a second row of the same file (an old omni's duplicate) is dropped.
+    rows = np.flatnonzero(stays)
+    unique_at, first_row = np.unique(at[rows], return_index=True)
+    stays[:] = False
+    stays[rows[first_row]] = True
+    starts = [*survey.starts, survey.rows]
+    per_file = {path.name: stays[starts[i] : starts[i + 1]]
+                for i, path in enumerate(survey.files)}  # fmt: skip
+    kept_errors = [(root, path, error) for row, root, path, error in survey.errors if stays[row]]
     fields = {
-        "previous": tuple(files),
-        "drop": keys.filter(pc.invert(stays)),
-        "carried_rows": len(carry),
-        "carry": carry,
-        "carried_errors": list(zip(*(kept_errors[c].to_pylist()
-                                     for c in ("root", "path", "error")), strict=True)),
-    }  # fmt: skip
+        "previous": survey.files,
+        "stays": per_file,
+        "carried_rows": len(unique_at),
+        "carry": unique_at,
+        "carried_errors": kept_errors,
+    }
     if layout.is_archive(output):
         version = archive.current(output)
         parts = archive.index(version)
-        counts = np.bincount(table["part"].to_numpy()[stays.to_numpy(zero_copy_only=False)],
-                             minlength=len(files))  # fmt: skip
-        fields.update(version=version, parts=tuple(parts), part_carried=tuple(counts.tolist()))
-    if not len(carry):
+        counts = tuple(int(per_file[p.name].sum()) if p.name in per_file else 0 for p in parts)
+        fields.update(version=version, parts=tuple(parts), part_carried=counts)
+    if not len(unique_at):
         return "", fields
     tops = any(have[k] != want[k] for k in TOPS)
     fields.update(relabel=relabel, rescore=relabel or tops or names != schema.names)
     how = "rescored from stored embeddings" if relabel else "carried over"
-    return f"incremental: {len(carry):,} unchanged files {how}", fields
+    return f"incremental: {len(unique_at):,} unchanged files {how}", fields
 
 
-def _resume(partial: Path, want: dict, now: pa.Array, cfg: TagConfig) -> tuple | None:
-    """Keys of the interrupted run's rows that still hold, and their error rows.
+def _resume(partial: Path, want: dict, lookup: Lookup, cfg: TagConfig) -> tuple | None:
+    """Indices of the files whose interrupted run's rows still hold, and their error rows.
 
     None when they were made differently and `--full` says to discard them."""
     parts = sorted(partial.glob("part-*.parquet"))
     if not parts:
-        return pa.array([], pa.string()), []
-    keys, errors = [], []
+        return np.zeros(0, np.int64), []
+    found, errors = [], []
     try:
         if (partial / layout.META_FILE).exists():
             meta = layout.metadata(partial)
@@ -311,83 +286,65 @@ def _resume(partial: Path, want: dict, now: pa.Array, cfg: TagConfig) -> tuple |
                 "--full (or --no-resume) to discard them"
             )
         for part in parts:
-            batch = pq.read_table(part, columns=["root", "path", "status", "error", "bytes",
-                                                 "mtime_ns"])  # fmt: skip
-            batch = batch.filter(pc.is_in(row_keys(batch), value_set=now))
-            keys.append(row_keys(batch))
-            failed = batch.filter(pc.equal(batch["status"], "error"))
+            batch = pq.read_table(part, columns=KEY_COLUMNS)
+            at = lookup.find(batch["root"], batch["path"])
+            same = lookup.same(batch, at)
+            found.append(at[same])
+            failed = batch.filter(pa.array(same)).filter(
+                pc.equal(batch.filter(pa.array(same))["status"], "error"))  # fmt: skip
             errors += zip(*(failed[c].to_pylist() for c in ("root", "path", "error")), strict=True)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(
             f"cannot read an interrupted run's rows in {partial} ({exc}); nothing was touched: "
             "move the folder away, or rerun with --no-resume to discard it"
         ) from None
-    return pa.concat_arrays(keys) if keys else pa.array([], pa.string()), errors
-
-
-def sticky(errors: pa.Array) -> pa.Array:
-    """Which error texts mark a file that is kept as it is until it changes."""
-    marks = [pc.starts_with(errors, prefix) for prefix in STICKY_ERRORS]
-    out = marks[0]
-    for mark in marks[1:]:
-        out = pc.or_(out, mark)
-    return pc.fill_null(out, False)
-
-
-def previous_rows(output: Path, columns: Sequence[str]) -> pa.Table | None:
-    """These columns of the previous output (either layout), or None where there is none."""
-    files = layout.parts(output)
-    if not files or _names(files) is None:
-        return None
-    try:
-        return _keys(files, list(columns))
-    except (OSError, pa.ArrowException):
-        return None
+    return (np.concatenate(found) if found else np.zeros(0, np.int64)), errors
 
 
 def held_rows(output: Path, unlisted: Sequence[Unlisted]) -> list[FileEntry]:
     """The previous output's rows under folders that could not be listed, as entries whose
     size and mtime are those stored: they are kept as they are (see `plan_work(held=...)`)."""
-    table = previous_rows(output, ["root", "path", "bytes", "mtime_ns"]) if unlisted else None
-    if table is None:
+    files = layout.parts(output) if unlisted else []
+    entries: list[FileEntry] = []
+    try:
+        for path in files:
+            file = pq.ParquetFile(path, pre_buffer=False)
+            cols = ["root", "path", "bytes", "mtime_ns"]
+            for batch in file.iter_batches(batch_size=65_536, columns=cols):
+                under = None
+                for u in unlisted:
+                    mask = pc.and_(pc.equal(batch["root"], u.root),
+                                   pc.starts_with(batch["path"], u.rel))  # fmt: skip
+                    under = mask if under is None else pc.or_(under, mask)
+                for r in batch.filter(under).to_pylist():
+                    entries.append(FileEntry(r["root"], r["path"], "", r["bytes"] or 0,
+                                             r["mtime_ns"] or 0))  # fmt: skip
+    except (OSError, pa.ArrowException):
         return []
-    under = None
-    for u in unlisted:
-        mask = pc.and_(pc.equal(table["root"], u.root), pc.starts_with(table["path"], u.rel))
-        under = mask if under is None else pc.or_(under, mask)
-    rows = table.filter(under).to_pylist()
-    return [FileEntry(r["root"], r["path"], "", r["bytes"] or 0, r["mtime_ns"] or 0)
-            for r in rows]  # fmt: skip
+    return entries
 
 
-def check_shrink(cfg: TagConfig, entries: Files | Sequence[FileEntry], allow: bool) -> None:
+def check_shrink(cfg: TagConfig, files: Files, survey: Survey | None, allow: bool) -> None:
     """Refuse a run that would drop every row of an input, or more than half of the previous
     output's rows, unless `allow`: an unmounted share lists as an empty folder."""
-    if allow:
+    if allow or survey is None or not survey.rows:
         return
-    table = previous_rows(cfg.output, ["root", "path"])
-    if table is None or not table.num_rows:
-        return
-    files = entries if isinstance(entries, Files) else Files.of(entries)
-    now = pc.binary_join_element_wise(files.table["root"], files.table["rel"], "\x00")
-    was = pc.binary_join_element_wise(table["root"], table["path"], "\x00")
-    gone = table.filter(pc.invert(pc.is_in(was, value_set=now.combine_chunks())))
-    if not gone.num_rows:
+    gone = sum(survey.gone_rows.values())
+    if not gone:
         return
     found = set(pc.unique(files.table["root"]).to_pylist())
     given = {printable(str(p)) for p in cfg.inputs}
-    for root in pc.unique(gone["root"]).to_pylist():
-        held = pc.sum(pc.equal(table["root"], root)).as_py()
-        if root in found or not held:
+    for root, held in survey.root_rows.items():
+        if root in found or not survey.gone_rows.get(root):
             continue
         why = "holds no image files now" if root in given else "is not among this run's inputs"
         raise InputUnreadable(
             f"{root} {why}, but {cfg.output} has {_rows(held)} from it (a share that is not "
             "mounted?): nothing was touched. Rerun with --allow-shrink if they really are gone"
         )
-    if 2 * gone.num_rows > table.num_rows:
+    if 2 * gone > survey.rows:
         raise InputUnreadable(
-            f"this run would drop {gone.num_rows:,} of the {_rows(table.num_rows)} in "
+            f"this run would drop {gone:,} of the {_rows(survey.rows)} in "
             f"{cfg.output} (their files are gone): nothing was touched. Check that the inputs "
             "are all there, or rerun with --allow-shrink if they really are gone"
         )
@@ -395,22 +352,3 @@ def check_shrink(cfg: TagConfig, entries: Files | Sequence[FileEntry], allow: bo
 
 def _rows(n: int) -> str:
     return f"{n:,} row" + ("" if n == 1 else "s")
-
-
-def _names(files: Sequence[Path]) -> list[str] | None:
-    """The column names of an output's files (its first part), None if it is not Parquet."""
-    try:
-        return pq.read_schema(files[0]).names if files else None
-    except (OSError, pa.ArrowException):
-        return None
-
-
-def _keys(files: Sequence[Path], names: list[str], *, numbered: bool = False) -> pa.Table:
-    """Some columns of every file, one after another; `part`: which file a row is in."""
-    tables = []
-    for number, path in enumerate(files):
-        table = pq.ParquetFile(path, pre_buffer=False).read(columns=names)
-        if numbered:
-            table = table.append_column("part", pa.array(np.full(table.num_rows, number, np.int32)))
-        tables.append(table)
-    return pa.concat_tables(tables).combine_chunks()
