@@ -12,7 +12,6 @@ interrupted run, rows of the previous output whose files are unchanged) and tags
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__
+from . import __version__, memory
 from .config import TagConfig
 from .errors import Interrupted, OmniError, Terminated
 from .inputs.listing import Files
@@ -173,15 +172,8 @@ def list_inputs(cfg: TagConfig, labels, prompts, emit: Callable[[Progress], None
                       force, digests)  # fmt: skip
     if done is not None:
         listing.done(cfg)
-    release_memory()
+    memory.release()  # what listing and comparing left: the model starts from what is held
     return listing
-
-
-def release_memory() -> None:
-    """Give back what listing and comparing left behind (Python's and Arrow's free lists),
-    so that the model and the decoders start from what the run still holds."""
-    gc.collect()
-    pa.default_memory_pool().release_unused()
 
 
 def _verify(cfg: TagConfig, entries: Files, emit) -> tuple[np.ndarray | None, tuple]:
@@ -243,6 +235,7 @@ def write_rows(
             errors += zip(*columns, strict=True)
             done += batch.num_rows
             emit(Progress("tag", done, len(plan.todo), len(errors), "tagging"))
+            memory.trim()
     except (KeyboardInterrupt, Terminated) as exc:
         sink.close()
         raise _interrupted(exc, sink.saved + plan.resumed, cfg.output) from None
@@ -251,6 +244,7 @@ def write_rows(
         raise
     seconds = time.perf_counter() - started
     emit(Progress("finish", done, len(plan.todo), len(errors), "writing output"))
+    memory.release()
     rescore = tagger.rescore if tagger is not None else None
     try:
         total = finish(cfg.output, plan, sink, rescore)
