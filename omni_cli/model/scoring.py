@@ -20,14 +20,18 @@ on that label alone, so adding or removing a label never moves another label's s
 
 The views of a tiled image (tiling.py: whole-image views, then a grid of tiles) are combined
 label by label by `combine_views`, from the images alone, so that the choice never depends on
-which labels are asked for. The whole-image views are always read: the image's reading is
-theirs, and tiles only add to it. The image's typical tile is the mean of its largest group of
-alike tiles: the background, when objects are small. Tiles like it are background; the others
-are object tiles, and each 8-connected group of them holds one object or a few. A group that
-fits in a tile (it spans fewer tiles along each axis than an object one tile wide can touch:
-2 / (1 - overlap)) is read too: its tiles see its objects whole. Tiles of a larger group see
-only parts of something the whole-image views see whole (a corner of a square looks like a
-triangle), so they are not read, however sure they are. Each label then takes its best
+which labels are asked for. The image's typical tile is the mean of its largest group of alike
+tiles: the background, when objects are small. Tiles like it are background; the others are
+object tiles, and each 8-connected group of them holds one object or a few. A group that fits
+in a tile (it spans fewer tiles along each axis than an object one tile wide can touch: 2 / (1
+- overlap)) is read: its tiles see its objects whole, but for those much less unlike the
+background than the group's most unlike tile, which see a sliver at their edge. Tiles of a
+larger group see only parts of something larger (a corner of a square looks like a triangle),
+so they are not read, however sure they are. The same holds for the whole-image views (global
+view and squares): a large group's extent along the long axis is known from its tiles, and a
+whole-image view that cuts it is not read when another whole-image view sees all of it; the
+image's reading is then that of the views that see its large object whole (with no large group,
+or none that one view contains, every whole-image view is read). Each label then takes its best
 similarity over the views read. All of it runs on the batch at once on the device.
 """
 
@@ -41,6 +45,13 @@ import torch
 # its image's typical tile shows background. With the fixture model, background tiles of one
 # image sit at 0.98-1.0 from each other, tiles that show a part of a shape below 0.9.
 TILE_ALIKE = 0.9
+# Of a small group, the tiles at least this share as unlike the background as its most unlike
+# tile are read: the others see a sliver of the object at their edge (the arc of a circle
+# reads as a corner, a triangle). Chosen on tiny-clip, -b, -c and tiny-siglip (stored
+# embeddings of benchmarks/tiling.py-like 4K sets, 36 images each; top-1 of small shapes
+# 0.89/0.92/0.86/0.92 reading the whole group, 1.00/0.92/0.86/0.94 at 0.6, no set lower;
+# at 1.0, the single most unlike tile, 0.78 on -b and 0.72 on tiny-siglip).
+GROUP_SHARE = 0.6
 # A label's score is 0.5 this many times the content-free images' largest spread above its mean
 # similarity to them (`score_baseline`). Chosen on tiny-clip, -b, -c and tiny-siglip
 # (benchmarks/scores.py: untiled multi-object F1 above the softmax reading on all four);
@@ -177,11 +188,13 @@ def read_views(
 ) -> torch.Tensor:
     """(total views,) bool: the views each image is read from.
 
-    Every whole-image view; and the object tiles (distinctness > 1 - TILE_ALIKE) whose
-    8-connected group of object tiles fits in one tile: it spans fewer than
-    `reach` = ceil(2 / (1 - overlap)) tiles along each axis (an object one tile wide touches at
-    most that many). A group's extent is found by passing each tile's bounding box of object
-    tiles to its object neighbours until nothing changes, for all images at once.
+    The object tiles (distinctness > 1 - TILE_ALIKE) whose 8-connected group of object tiles
+    fits in one tile: it spans fewer than `reach` = ceil(2 / (1 - overlap)) tiles along each
+    axis (an object one tile wide touches at most that many), and of such a group the tiles at
+    least GROUP_SHARE as distinct as its most distinct one. And the whole-image views that
+    see every larger group whole (`_whole_seeing`); every whole-image view when none does or
+    there is no larger group. A group's extent is found by passing each tile's bounding box of
+    object tiles to its object neighbours until nothing changes, for all images at once.
     """
     device, total = distinct.device, sum(views)
     read = torch.zeros(total + 1, dtype=torch.bool)  # last: padding
@@ -191,39 +204,102 @@ def read_views(
         if grid is None or n_tiles < 1 or grid[0] * grid[1] != n_tiles:
             read[start : start + (count if count == 1 else n_whole)] = True
         else:
-            read[start : start + n_whole] = True
-            tiled.append((start + n_whole, grid))
+            tiled.append((start, n_whole, grid))
     read = read.to(device, non_blocking=True)
     if not tiled:
         return read[:-1]
-    n_rows, n_cols = max(g[0] for _, g in tiled), max(g[1] for _, g in tiled)
+    n_rows, n_cols = max(g[0] for *_, g in tiled), max(g[1] for *_, g in tiled)
     index = torch.full((len(tiled), n_rows, n_cols), total, dtype=torch.long)
-    for i, (first, (r, c)) in enumerate(tiled):
-        index[i, :r, :c] = torch.arange(first, first + r * c).view(r, c)
+    for i, (first, n_whole, (r, c)) in enumerate(tiled):
+        index[i, :r, :c] = torch.arange(first + n_whole, first + n_whole + r * c).view(r, c)
     index = index.to(device, non_blocking=True)
     padded = torch.cat([distinct.float(), distinct.new_zeros(1, dtype=torch.float32)])
-    obj = (padded[index] > 1 - TILE_ALIKE) & (index < total)  # (images, rows, cols)
-    large = _large_groups(obj, math.ceil(2 / (1 - overlap) - 1e-9), n_rows * n_cols)
-    read.index_put_((index.view(-1),), (obj & ~large).view(-1))
+    distinct = padded[index]  # (images, rows, cols)
+    obj = (distinct > 1 - TILE_ALIKE) & (index < total)
+    reach = math.ceil(2 / (1 - overlap) - 1e-9)
+    large, peak = _groups(obj, distinct, reach, n_rows * n_cols)
+    whole_seen = obj & ~large & (distinct >= GROUP_SHARE * peak)  # not the slivers at its edge
+    read.index_put_((index.view(-1),), whole_seen.view(-1))
+    seen, whole_index = _whole_seeing(large, tiled, overlap, total)
+    read.index_put_((whole_index.view(-1),), seen.view(-1))
     read[-1] = False
     return read[:-1]
 
 
-def _large_groups(obj: torch.Tensor, reach: int, steps: int) -> torch.Tensor:
-    """(images, rows, cols) object mask -> True where the tile's 8-connected group of object
-    tiles spans `reach` or more tiles along an axis.
+def _whole_seeing(
+    large: torch.Tensor, tiled: list[tuple[int, int, tuple[int, int]]], overlap: float, total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which whole-image views of each tiled image to read: ((images, most whole views) bool,
+    the same shape of view indices, padding at `total`).
 
-    Each object tile starts with its own (row, col) as a bounding box and takes the union with
-    its object neighbours' boxes; after as many rounds as the longest path in a group, every
-    tile holds its group's box. Rounds run in blocks of 8 between checks, so the device is
-    waited on once per block, not per image.
+    Positions along the image's long axis in tile sides: tile i spans [i x step, i x step + 1]
+    with step = 1 - overlap, so the image is (n - 1) x step + 1 long and its short side, along
+    which m tiles lie, (m - 1) x step + 1 (the grid's own cover, up to rounding). The
+    whole-image squares spread evenly along the long axis as tiling.whole_boxes lays them; the
+    global view is taken as the centre square (CLIP's centre crop; a squashing processor sees
+    more, so this only ever drops it where a square sees as much). The large groups' extent is
+    the span of their tiles' middles (each tile's centre +- step / 2). A whole-image view that
+    cuts it sees part of a large object, whose reading can look like another label (a corner
+    of a square is a triangle), so it is read only when no whole-image view contains the
+    extent. All images at once; no device synchronisation.
+    """
+    device = large.device
+    n_whole = max(w for _, w, _ in tiled)
+    step = 1 - overlap
+    bounds = torch.zeros(len(tiled), n_whole, 2)  # (images, whole views, lo/hi) along the long axis
+    index = torch.full((len(tiled), n_whole), total, dtype=torch.long)
+    across = torch.zeros(len(tiled), dtype=torch.bool)  # long axis is the columns
+    for i, (first, w, (r, c)) in enumerate(tiled):
+        n, m = (c, r) if c >= r else (r, c)
+        across[i] = c >= r
+        length, short = (n - 1) * step + 1, (m - 1) * step + 1
+        lows = [(length - short) / 2] + [
+            j * (length - short) / (w - 2) if w > 2 else (length - short) / 2 for j in range(w - 1)
+        ]
+        bounds[i, :w, 0] = torch.tensor(lows)
+        bounds[i, :w, 1] = torch.tensor(lows) + short
+        index[i, :w] = torch.arange(first, first + w)
+        bounds[i, w:, 0], bounds[i, w:, 1] = 1e9, -1e9  # padding contains nothing
+    bounds = bounds.to(device, non_blocking=True)
+    index = index.to(device, non_blocking=True)
+    across = across.to(device, non_blocking=True)
+    n, h, w = large.shape
+    pos = (
+        torch.where(
+            across.view(-1, 1, 1),
+            torch.arange(w, device=device).view(1, 1, w).expand(n, h, w),
+            torch.arange(h, device=device).view(1, h, 1).expand(n, h, w),
+        ).float()
+        * step
+        + 0.5
+    )  # (images, rows, cols): each tile's centre along the long axis
+    flat, mask = pos.view(n, -1), large.view(n, -1)
+    lo = flat.masked_fill(~mask, float("inf")).min(dim=1).values - step / 2  # (images,)
+    hi = flat.masked_fill(~mask, float("-inf")).max(dim=1).values + step / 2
+    inside = (bounds[..., 0] <= lo.view(-1, 1) + 1e-6) & (hi.view(-1, 1) <= bounds[..., 1] + 1e-6)
+    seen = inside | ~inside.any(dim=1, keepdim=True)  # none sees it whole, or no large group
+    return seen & (index < total), index
+
+
+def _groups(
+    obj: torch.Tensor, value: torch.Tensor, reach: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, rows, cols) object mask and tile values in [0, 2] -> (True where the tile's
+    8-connected group of object tiles spans `reach` or more tiles along an axis, the group's
+    largest value).
+
+    Each object tile starts with its own (row, col) as a bounding box and its own value, and
+    takes the union of boxes and the largest value with its object neighbours; after as many
+    rounds as the longest path in a group, every tile holds its group's. Rounds run in blocks
+    of 8 between checks, so the device is waited on once per block, not per image.
     """
     n, h, w = obj.shape
     ys = torch.arange(h, device=obj.device).view(1, h, 1).expand(n, h, w).float()
     xs = torch.arange(w, device=obj.device).view(1, 1, w).expand(n, h, w).float()
-    big = float(h + w + 1)
-    # channels: -ymin, ymax, -xmin, xmax, each maximised; non-object tiles hold -big (neutral)
-    box = torch.stack([-ys, ys, -xs, xs], dim=1).masked_fill(~obj.unsqueeze(1), -big)
+    big = float(h + w + 3)  # beyond any coordinate and any distinctness (at most 2)
+    # channels: -ymin, ymax, -xmin, xmax, value, each maximised; non-object tiles hold -big
+    box = torch.stack([-ys, ys, -xs, xs, value.float()], dim=1)
+    box = box.masked_fill(~obj.unsqueeze(1), -big)
     keep = obj.unsqueeze(1)
     for step in range(steps):
         grown = torch.nn.functional.max_pool2d(box, 3, stride=1, padding=1)
@@ -231,7 +307,8 @@ def _large_groups(obj: torch.Tensor, reach: int, steps: int) -> torch.Tensor:
         if step % 8 == 7 and torch.equal(grown, box):
             break
         box = grown
-    return obj & ((box[:, 0] + box[:, 1] >= reach) | (box[:, 2] + box[:, 3] >= reach))
+    large = obj & ((box[:, 0] + box[:, 1] >= reach) | (box[:, 2] + box[:, 3] >= reach))
+    return large, box[:, 4]
 
 
 def _starts(views: list[int]) -> list[int]:
