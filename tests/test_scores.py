@@ -168,6 +168,28 @@ def test_rows_written_before_scores_are_rescored_or_retagged(tmp_path, labels_fi
             assert again[path]["top_labels"] == row["top_labels"]
 
 
+def test_tiled_rows_of_another_tile_rule_are_rescored_from_their_embeddings(
+    tmp_path, photos, labels_file
+):
+    out = tmp_path / "tags.parquet"
+    tag(config(photos, labels_file, out, tiles="auto", save_embeddings=True))
+    fresh = rows_by_path(out)
+    assert any(r["views"] > 1 for r in fresh.values())
+    table = pq.read_table(out)  # as a version with another tiling rule wrote it
+    meta = metadata(out)
+    meta["tile_rule"] = "every view, each label its largest similarity"
+    meta.pop("request")  # the version that wrote it: the rerun's fast path does not apply
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta)})
+    pq.write_table(table, out)
+    result = tag(config(photos, labels_file, out, tiles="auto", save_embeddings=True))
+    assert (result.carried, result.tagged) == (len(fresh), 0)  # nothing encoded again
+    assert metadata(out)["tile_rule"] != meta["tile_rule"]
+    for path, row in rows_by_path(out).items():
+        assert np.allclose(row["similarity"], fresh[path]["similarity"], atol=2e-3), path
+        assert np.allclose(row["scores"], fresh[path]["scores"], atol=2e-3), path
+        assert row["top_labels"] == fresh[path]["top_labels"], path
+
+
 def test_label_scores_are_the_models_log_odds_over_the_calibrated_midpoint():
     baseline = torch.tensor([0.2, -0.1])
     sim = torch.tensor([[0.2, 0.0], [0.3, -0.1], [0.7, 0.4]])
