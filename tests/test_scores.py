@@ -300,14 +300,22 @@ def _reference_rule(emb, sim, views, whole, grids, overlap):
                                 stack.append(n)
                 ys, xs = [c // grid[1] for c in cells], [c % grid[1] for c in cells]
                 if max(ys) - min(ys) < reach and max(xs) - min(xs) < reach:
-                    peak = max(distinct[c] for c in cells)  # tiles seeing a sliver: not read
+                    share = scoring.GROUP_SHARE  # not the tiles that see a sliver
                     read += [n_whole + c for c in cells
-                             if distinct[c] >= scoring.GROUP_SHARE * peak]  # fmt: skip
+                             if distinct[c] >= share * _peak(c, cells, distinct, grid)]  # fmt: skip
                 else:
                     large += cells
             read += _whole_views_read(large, n_whole, grid, overlap)
         out.append(s[read].max(dim=0).values)
     return torch.stack(out)
+
+
+def _peak(cell, cells, distinct, grid):
+    """The largest distinctness among the object tiles next to `cell` (3 x 3, itself too)."""
+    y, x = divmod(cell, grid[1])
+    return max(
+        distinct[c] for c in cells if abs(c // grid[1] - y) <= 1 and abs(c % grid[1] - x) <= 1
+    )
 
 
 def _whole_views_read(large, n_whole, grid, overlap):

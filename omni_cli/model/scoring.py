@@ -23,9 +23,9 @@ label by label by `combine_views`, from the images alone, so that the choice nev
 which labels are asked for. The image's typical tile is the mean of its largest group of alike
 tiles: the background, when objects are small. Tiles like it are background; the others are
 object tiles, and each 8-connected group of them holds one object or a few. A group that fits
-in a tile (it spans fewer tiles along each axis than an object one tile wide can touch: 2 / (1
-- overlap)) is read: its tiles see its objects whole, but for those much less unlike the
-background than the group's most unlike tile, which see a sliver at their edge. Tiles of a
+in a tile (it spans fewer tiles along each axis than an object one tile wide can touch:
+2/(1 - overlap)) is read: its tiles see its objects whole, but for those much less unlike the
+background than an object tile next to them, which see a sliver at their edge. Tiles of a
 larger group see only parts of something larger (a corner of a square looks like a triangle),
 so they are not read, however sure they are. The same holds for the whole-image views (global
 view and squares): a large group's extent along the long axis is known from its tiles, and a
@@ -45,12 +45,14 @@ import torch
 # its image's typical tile shows background. With the fixture model, background tiles of one
 # image sit at 0.98-1.0 from each other, tiles that show a part of a shape below 0.9.
 TILE_ALIKE = 0.9
-# Of a small group, the tiles at least this share as unlike the background as its most unlike
-# tile are read: the others see a sliver of the object at their edge (the arc of a circle
-# reads as a corner, a triangle). Chosen on tiny-clip, -b, -c and tiny-siglip (stored
-# embeddings of benchmarks/tiling.py-like 4K sets, 36 images each; top-1 of small shapes
-# 0.89/0.92/0.86/0.92 reading the whole group, 1.00/0.92/0.86/0.94 at 0.6, no set lower;
-# at 1.0, the single most unlike tile, 0.78 on -b and 0.72 on tiny-siglip).
+# Of a small group, a tile is read when it is at least this share as unlike the background as
+# the most unlike object tile next to it (3 x 3): one far below sees a sliver of that tile's
+# object at its edge (the arc of a circle reads as a corner, a triangle). Next to it, not in
+# the whole group, so that a group of two objects keeps both. Chosen on tiny-clip, -b, -c and
+# tiny-siglip (stored embeddings of 4K sets like benchmarks/tiling.py's, 36 images each):
+# small shapes' top-1 0.89/0.92/0.86/0.92 reading every tile of the group, 1.00/0.92/0.92/0.94
+# at 0.6 and at 0.8, no set lower at 0.6; against the group's most unlike tile instead, 0.6
+# cost tiny-clip-c's tiled 1080p scenes F1 0.58 -> 0.52 (benchmarks/scores.py).
 GROUP_SHARE = 0.6
 # A label's score is 0.5 this many times the content-free images' largest spread above its mean
 # similarity to them (`score_baseline`). Chosen on tiny-clip, -b, -c and tiny-siglip
@@ -190,11 +192,12 @@ def read_views(
 
     The object tiles (distinctness > 1 - TILE_ALIKE) whose 8-connected group of object tiles
     fits in one tile: it spans fewer than `reach` = ceil(2 / (1 - overlap)) tiles along each
-    axis (an object one tile wide touches at most that many), and of such a group the tiles at
-    least GROUP_SHARE as distinct as its most distinct one. And the whole-image views that
-    see every larger group whole (`_whole_seeing`); every whole-image view when none does or
-    there is no larger group. A group's extent is found by passing each tile's bounding box of
-    object tiles to its object neighbours until nothing changes, for all images at once.
+    axis (an object one tile wide touches at most that many), and of these the tiles at least
+    GROUP_SHARE as distinct as the most distinct object tile next to them. And the
+    whole-image views that see every larger group whole (`_whole_seeing`); every whole-image
+    view when none does or there is no larger group. A group's extent is found by passing each
+    tile's bounding box of object tiles to its object neighbours until nothing changes, for
+    all images at once.
     """
     device, total = distinct.device, sum(views)
     read = torch.zeros(total + 1, dtype=torch.bool)  # last: padding
@@ -217,8 +220,10 @@ def read_views(
     distinct = padded[index]  # (images, rows, cols)
     obj = (distinct > 1 - TILE_ALIKE) & (index < total)
     reach = math.ceil(2 / (1 - overlap) - 1e-9)
-    large, peak = _groups(obj, distinct, reach, n_rows * n_cols)
-    whole_seen = obj & ~large & (distinct >= GROUP_SHARE * peak)  # not the slivers at its edge
+    large = _large_groups(obj, reach, n_rows * n_cols)
+    # the most distinct object tile around each (3 x 3): a tile far below it sees a sliver
+    peak = torch.nn.functional.max_pool2d(distinct.masked_fill(~obj, 0).unsqueeze(1), 3, 1, 1)
+    whole_seen = obj & ~large & (distinct >= GROUP_SHARE * peak.squeeze(1))
     read.index_put_((index.view(-1),), whole_seen.view(-1))
     seen, whole_index = _whole_seeing(large, tiled, overlap, total)
     read.index_put_((whole_index.view(-1),), seen.view(-1))
@@ -281,25 +286,21 @@ def _whole_seeing(
     return seen & (index < total), index
 
 
-def _groups(
-    obj: torch.Tensor, value: torch.Tensor, reach: int, steps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, rows, cols) object mask and tile values in [0, 2] -> (True where the tile's
-    8-connected group of object tiles spans `reach` or more tiles along an axis, the group's
-    largest value).
+def _large_groups(obj: torch.Tensor, reach: int, steps: int) -> torch.Tensor:
+    """(images, rows, cols) object mask -> True where the tile's 8-connected group of object
+    tiles spans `reach` or more tiles along an axis.
 
-    Each object tile starts with its own (row, col) as a bounding box and its own value, and
-    takes the union of boxes and the largest value with its object neighbours; after as many
-    rounds as the longest path in a group, every tile holds its group's. Rounds run in blocks
-    of 8 between checks, so the device is waited on once per block, not per image.
+    Each object tile starts with its own (row, col) as a bounding box and takes the union with
+    its object neighbours' boxes; after as many rounds as the longest path in a group, every
+    tile holds its group's box. Rounds run in blocks of 8 between checks, so the device is
+    waited on once per block, not per image.
     """
     n, h, w = obj.shape
     ys = torch.arange(h, device=obj.device).view(1, h, 1).expand(n, h, w).float()
     xs = torch.arange(w, device=obj.device).view(1, 1, w).expand(n, h, w).float()
-    big = float(h + w + 3)  # beyond any coordinate and any distinctness (at most 2)
-    # channels: -ymin, ymax, -xmin, xmax, value, each maximised; non-object tiles hold -big
-    box = torch.stack([-ys, ys, -xs, xs, value.float()], dim=1)
-    box = box.masked_fill(~obj.unsqueeze(1), -big)
+    big = float(h + w + 1)
+    # channels: -ymin, ymax, -xmin, xmax, each maximised; non-object tiles hold -big (neutral)
+    box = torch.stack([-ys, ys, -xs, xs], dim=1).masked_fill(~obj.unsqueeze(1), -big)
     keep = obj.unsqueeze(1)
     for step in range(steps):
         grown = torch.nn.functional.max_pool2d(box, 3, stride=1, padding=1)
@@ -307,8 +308,7 @@ def _groups(
         if step % 8 == 7 and torch.equal(grown, box):
             break
         box = grown
-    large = obj & ((box[:, 0] + box[:, 1] >= reach) | (box[:, 2] + box[:, 3] >= reach))
-    return large, box[:, 4]
+    return obj & ((box[:, 0] + box[:, 1] >= reach) | (box[:, 2] + box[:, 3] >= reach))
 
 
 def _starts(views: list[int]) -> list[int]:
