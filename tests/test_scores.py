@@ -402,3 +402,38 @@ def _batched_equals_reference(seed):
     whole_read = [bool(read[f : f + n].all()) for f, n in zip(firsts, whole, strict=True)]
     assert read.sum() > sum(whole) - whole_read.count(False)  # tiles read
     return whole_read
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tiles"),
+    [(3840, 2160, "auto"), (2160, 3840, "auto"), (3840, 2160, "6x12"), (5000, 1800, "auto")],
+)
+def test_whole_views_read_are_those_whose_pixels_contain_the_large_object(width, height, tiles):
+    from omni_cli.inputs import tiling
+
+    grid = tiling.grid_shape(width, height, tiles, 0.5, 224)
+    boxes = tiling.grid_for(width, height, tiles, 0.5, 224)
+    rows, cols = grid
+    across = width >= height
+    axis, length, short = (0, width, height) if across else (1, height, width)
+    starts = sorted({b[axis] for b in boxes})
+    side, half = boxes[0][2] - boxes[0][0], (starts[1] - starts[0]) / 2
+    views = [(length / 2 - short / 2, length / 2 + short / 2)]  # the centre crop, then squares
+    views += [(b[axis], b[axis + 2]) for b in tiling.whole_boxes(width, height)]
+    whole = len(views)
+    n_along = cols if across else rows
+    checked = set()
+    for first in range(n_along):
+        for last in range(first + 4, min(first + 9, n_along)):  # spans >= 4 tiles: large
+            distinct = torch.zeros(whole + rows * cols)
+            for r in range(1, 3) if across else range(first, last + 1):
+                for c in range(first, last + 1) if across else range(1, 3):
+                    distinct[whole + r * cols + c] = 1.0
+            read = scoring.read_views(distinct, [len(distinct)], [whole], [grid], 0.5)
+            lo, hi = starts[first] + side / 2 - half, starts[last] + side / 2 + half
+            inside = [a <= lo + 1e-6 and hi <= b + 1e-6 for a, b in views]
+            expected = inside if any(inside) else [True] * whole
+            assert read[:whole].tolist() == expected, (first, last)
+            assert not read[whole:].any()  # a large group's tiles are never read
+            checked.add(tuple(expected))
+    assert len(checked) > 1  # some spans are seen whole by some views only

@@ -38,6 +38,7 @@ similarity over the views read. All of it runs on the batch at once on the devic
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -238,53 +239,66 @@ def _whole_seeing(
     """Which whole-image views of each tiled image to read: ((images, most whole views) bool,
     the same shape of view indices, padding at `total`).
 
-    Positions along the image's long axis in tile sides: tile i spans [i x step, i x step + 1]
-    with step = 1 - overlap, so the image is (n - 1) x step + 1 long and its short side, along
-    which m tiles lie, (m - 1) x step + 1 (the grid's own cover, up to rounding). The
-    whole-image squares spread evenly along the long axis as tiling.whole_boxes lays them; the
-    global view is taken as the centre square (CLIP's centre crop; a squashing processor sees
-    more, so this only ever drops it where a square sees as much). The large groups' extent is
-    the span of their tiles' middles (each tile's centre +- step / 2). A whole-image view that
-    cuts it sees part of a large object, whose reading can look like another label (a corner
-    of a square is a triangle), so it is read only when no whole-image view contains the
-    extent. All images at once; no device synchronisation.
+    Along the image's long axis, the large groups' extent is the span of their tiles' middles
+    (each tile's centre +- half the distance between neighbouring tiles). A whole-image view
+    that cuts it sees part of a large object, whose reading can look like another label (a
+    corner of a square is a triangle), so it is read only when no whole-image view contains the
+    extent. Where the views lie comes from the `tiling.Grid`; a plain (rows, cols) is taken as
+    tiles `1 - overlap` of a side apart, the grid's own cover (`_approximate`). The global view
+    is the centre square (CLIP's centre crop; a squashing processor sees more, so this only
+    ever drops it where a square sees as much). All images at once; no device synchronisation.
     """
     device = large.device
-    n_whole = max(w for _, w, _ in tiled)
-    step = 1 - overlap
-    bounds = torch.zeros(len(tiled), n_whole, 2)  # (images, whole views, lo/hi) along the long axis
-    index = torch.full((len(tiled), n_whole), total, dtype=torch.long)
-    across = torch.zeros(len(tiled), dtype=torch.bool)  # long axis is the columns
-    for i, (first, w, (r, c)) in enumerate(tiled):
-        n, m = (c, r) if c >= r else (r, c)
-        across[i] = c >= r
-        length, short = (n - 1) * step + 1, (m - 1) * step + 1
-        lows = [(length - short) / 2] + [
-            j * (length - short) / (w - 2) if w > 2 else (length - short) / 2 for j in range(w - 1)
-        ]
-        bounds[i, :w, 0] = torch.tensor(lows)
-        bounds[i, :w, 1] = torch.tensor(lows) + short
-        index[i, :w] = torch.arange(first, first + w)
-        bounds[i, w:, 0], bounds[i, w:, 1] = 1e9, -1e9  # padding contains nothing
-    bounds = bounds.to(device, non_blocking=True)
-    index = index.to(device, non_blocking=True)
-    across = across.to(device, non_blocking=True)
     n, h, w = large.shape
-    pos = (
-        torch.where(
-            across.view(-1, 1, 1),
-            torch.arange(w, device=device).view(1, 1, w).expand(n, h, w),
-            torch.arange(h, device=device).view(1, h, 1).expand(n, h, w),
-        ).float()
-        * step
-        + 0.5
-    )  # (images, rows, cols): each tile's centre along the long axis
-    flat, mask = pos.view(n, -1), large.view(n, -1)
-    lo = flat.masked_fill(~mask, float("inf")).min(dim=1).values - step / 2  # (images,)
-    hi = flat.masked_fill(~mask, float("-inf")).max(dim=1).values + step / 2
-    inside = (bounds[..., 0] <= lo.view(-1, 1) + 1e-6) & (hi.view(-1, 1) <= bounds[..., 1] + 1e-6)
+    n_whole = max(count for _, count, _ in tiled)
+    bounds = torch.zeros(n, n_whole, 2)  # (images, whole views, start/end) along the long axis
+    bounds[..., 0], bounds[..., 1] = 1e18, -1e18  # padding contains nothing
+    centres = torch.zeros(n, max(h, w))  # (images, tiles along the long axis)
+    half = torch.zeros(n)
+    index = torch.full((n, n_whole), total, dtype=torch.long)
+    across = torch.zeros(n, dtype=torch.bool)  # the long axis is the columns
+    for i, (first, count, grid) in enumerate(tiled):
+        geometry = _approximate(grid, overlap, count) if not hasattr(grid, "spans") else grid
+        across[i] = geometry.across
+        centres[i, : len(geometry.centres)] = torch.tensor(geometry.centres)
+        half[i] = geometry.half
+        bounds[i, :count] = torch.tensor(geometry.spans[:count])
+        index[i, :count] = torch.arange(first, first + count)
+    bounds, index, centres, half, across = (
+        t.to(device, non_blocking=True) for t in (bounds, index, centres, half, across)
+    )
+    along = torch.where(
+        across.view(-1, 1, 1),
+        torch.arange(w, device=device).view(1, 1, w).expand(n, h, w),
+        torch.arange(h, device=device).view(1, h, 1).expand(n, h, w),
+    )  # (images, rows, cols): each tile's index along the long axis
+    pos, mask = centres.gather(1, along.reshape(n, -1)), large.view(n, -1)
+    lo = pos.masked_fill(~mask, float("inf")).min(dim=1).values - half  # (images,)
+    hi = pos.masked_fill(~mask, float("-inf")).max(dim=1).values + half
+    slack = 1e-3 * half.view(-1, 1)
+    inside = (bounds[..., 0] <= lo.view(-1, 1) + slack) & (hi.view(-1, 1) <= bounds[..., 1] + slack)
     seen = inside | ~inside.any(dim=1, keepdim=True)  # none sees it whole, or no large group
     return seen & (index < total), index
+
+
+def _approximate(grid: tuple[int, int], overlap: float, n_whole: int) -> SimpleNamespace:
+    """A plain (rows, cols) grid's geometry in tile sides: tiles 1 - overlap apart, so the long
+    side is (n - 1)(1 - overlap) + 1 and the short side likewise; squares evenly spread."""
+    rows, cols = grid
+    step = 1 - overlap
+    n, m = (cols, rows) if cols >= rows else (rows, cols)
+    length, short = (n - 1) * step + 1, (m - 1) * step + 1
+    squares = n_whole - 1
+    starts = [j * (length - short) / max(squares - 1, 1) for j in range(squares)]
+    if squares == 1:
+        starts = [(length - short) / 2]
+    spans = [((length - short) / 2, (length + short) / 2)] + [(a, a + short) for a in starts]
+    return SimpleNamespace(
+        across=cols >= rows,
+        centres=[i * step + 0.5 for i in range(n)],
+        half=step / 2,
+        spans=spans,
+    )
 
 
 def _large_groups(obj: torch.Tensor, reach: int, steps: int) -> torch.Tensor:
