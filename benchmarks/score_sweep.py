@@ -30,7 +30,7 @@ from scores import LABELS, above, make_scenes, prf, run  # noqa: E402
 from omni_cli.config import ModelConfig, TagConfig  # noqa: E402
 from omni_cli.model import scoring  # noqa: E402
 
-CANDIDATES = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0]
+CANDIDATES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5, 2.0]
 
 
 def read(out: Path):

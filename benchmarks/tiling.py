@@ -130,11 +130,15 @@ def rule_accuracies(out: Path, truth, matrix, size: int) -> dict[str, float]:
         sim = emb @ matrix  # (views, labels)
         probs = torch.softmax(sim * scale, -1)  # per view
         distinct = scoring.tile_distinctness(emb, [row["views"]], [whole])
+        read = scoring.read_views(distinct, [row["views"]], [whole], [grid], overlap)
         rules = {
             "global view only": sim[0],
             "best whole-image view per label": sim[:whole].max(0).values,
             "max similarity over all views": sim.max(0).values,
             "earlier rule (softmax-sure tiles)": earlier_rule(sim, probs, whole),
+            "previous rule (every whole view)": torch.cat([sim[:whole], sim[whole:][read[whole:]]])
+            .max(0)
+            .values,
             "this rule": scoring.combine_views(
                 sim, distinct, [row["views"]], [whole], [grid], overlap
             )[0],

@@ -408,11 +408,15 @@ def run_metadata(
         "preprocess": "exact" if cfg.decode.exact else "draft",
         "tiles": cfg.decode.tiles,
         "tile_overlap": cfg.decode.tile_overlap,
-        "tile_rule": "views: global, whole-image squares, tiles. Always read: the whole-image "
-        f"views. Tiles whose embedding has cosine < {scoring.TILE_ALIKE} with the image's typical "
-        "tile (the mean of its largest group of tiles alike at that cosine) show objects; those "
-        "whose 8-connected group spans fewer than ceil(2 / (1 - tile_overlap)) tiles along each "
-        "axis are read too (larger groups are parts of something the whole-image views see). "
+        "tile_rule": "views: global, whole-image squares, tiles. Tiles whose embedding has "
+        f"cosine < {scoring.TILE_ALIKE} with the image's typical tile (the mean of its largest "
+        "group of tiles alike at that cosine) show objects; those whose 8-connected group spans "
+        "fewer than ceil(2 / (1 - tile_overlap)) tiles along each axis are read, those of "
+        f"them whose 1 - cosine is at least {scoring.GROUP_SHARE} x the largest of the object "
+        "tiles next to them (3 x 3; larger "
+        "groups are parts of something the whole-image views see); "
+        "of the whole-image views, only those containing every larger group's extent along the "
+        "long axis (tile middles, the global view as the centre square) when at least one does. "
         "Each label takes its largest similarity over the views read",
         "similarity": "cosine(image embedding, label embedding)",
         "probs": "softmax(logit_scale * similarity)"

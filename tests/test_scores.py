@@ -168,6 +168,28 @@ def test_rows_written_before_scores_are_rescored_or_retagged(tmp_path, labels_fi
             assert again[path]["top_labels"] == row["top_labels"]
 
 
+def test_tiled_rows_of_another_tile_rule_are_rescored_from_their_embeddings(
+    tmp_path, photos, labels_file
+):
+    out = tmp_path / "tags.parquet"
+    tag(config(photos, labels_file, out, tiles="auto", save_embeddings=True))
+    fresh = rows_by_path(out)
+    assert any(r["views"] > 1 for r in fresh.values())
+    table = pq.read_table(out)  # as a version with another tiling rule wrote it
+    meta = metadata(out)
+    meta["tile_rule"] = "every view, each label its largest similarity"
+    meta.pop("request")  # the version that wrote it: the rerun's fast path does not apply
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta)})
+    pq.write_table(table, out)
+    result = tag(config(photos, labels_file, out, tiles="auto", save_embeddings=True))
+    assert (result.carried, result.tagged) == (len(fresh), 0)  # nothing encoded again
+    assert metadata(out)["tile_rule"] != meta["tile_rule"]
+    for path, row in rows_by_path(out).items():
+        assert np.allclose(row["similarity"], fresh[path]["similarity"], atol=2e-3), path
+        assert np.allclose(row["scores"], fresh[path]["scores"], atol=2e-3), path
+        assert row["top_labels"] == fresh[path]["top_labels"], path
+
+
 def test_label_scores_are_the_models_log_odds_over_the_calibrated_midpoint():
     baseline = torch.tensor([0.2, -0.1])
     sim = torch.tensor([[0.2, 0.0], [0.3, -0.1], [0.7, 0.4]])
@@ -225,6 +247,26 @@ def test_small_objects_add_their_tile_parts_of_large_ones_add_nothing():
     assert mixed[0] == 0.9  # no background to stand out from: one large group, the whole image
 
 
+def test_tiles_that_see_a_sliver_of_a_small_object_do_not_outvote_the_one_that_sees_it():
+    # A 4 x 6 grid behind one whole-image view; labels (circle, triangle). A small circle sits
+    # in tile 7; its neighbours 1 and 8 see a sliver of its edge, an arc that reads as a corner.
+    rows, cols, whole = 4, 6, 1
+    emb = torch.zeros(whole + rows * cols, 3)
+    emb[:, 0] = 1.0  # background
+    sim = torch.zeros(len(emb), 2)
+    sim[0] = torch.tensor([0.2, 0.1])  # the whole image: mostly background
+    emb[whole + 7] = torch.tensor([0.0, 1.0, 0.0])  # the circle, whole: most unlike background
+    sim[whole + 7] = torch.tensor([0.8, 0.3])
+    for sliver in (1, 8):  # a little unlike the background
+        emb[whole + sliver] = torch.tensor([1.0, 0.55, 0.0])
+        sim[whole + sliver] = torch.tensor([0.1, 0.9])
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    distinct = scoring.tile_distinctness(emb, [len(emb)], [whole])
+    assert 1 - scoring.TILE_ALIKE < distinct[whole + 1] < scoring.GROUP_SHARE * distinct[whole + 7]
+    out = scoring.combine_views(sim, distinct, [len(emb)], [whole], [(rows, cols)], 0.5)[0]
+    assert torch.allclose(out, torch.tensor([0.8, 0.3]))  # circle first; the corners not read
+
+
 def _reference_rule(emb, sim, views, whole, grids, overlap):
     """The tiling rule one image at a time, in plain Python loops (what the batch must equal)."""
     reach = math.ceil(2 / (1 - overlap) - 1e-9)
@@ -233,12 +275,14 @@ def _reference_rule(emb, sim, views, whole, grids, overlap):
         e, s = emb[start : start + count], sim[start : start + count]
         start += count
         read = list(range(n_whole if count > 1 else 1))
-        if grid is not None and grid[0] * grid[1] == count - n_whole and count > n_whole + 1:
+        if grid is not None and grid[0] * grid[1] == count - n_whole and count > n_whole:
+            read, large = [], []
             tiles = e[n_whole:]
             alike = (tiles @ tiles.T >= scoring.TILE_ALIKE).float()
             group = alike[int(alike.sum(dim=1).argmax())]
             typical = torch.nn.functional.normalize(group @ tiles, dim=0)
-            obj = [float(1 - t @ typical) > 1 - scoring.TILE_ALIKE for t in tiles]
+            distinct = [float(1 - t @ typical) for t in tiles]
+            obj = [d > 1 - scoring.TILE_ALIKE for d in distinct]
             seen = [False] * len(obj)
             for first in range(len(obj)):
                 if not obj[first] or seen[first]:
@@ -256,28 +300,93 @@ def _reference_rule(emb, sim, views, whole, grids, overlap):
                                 stack.append(n)
                 ys, xs = [c // grid[1] for c in cells], [c % grid[1] for c in cells]
                 if max(ys) - min(ys) < reach and max(xs) - min(xs) < reach:
-                    read += [n_whole + c for c in cells]
+                    share = scoring.GROUP_SHARE  # not the tiles that see a sliver
+                    read += [n_whole + c for c in cells
+                             if distinct[c] >= share * _peak(c, cells, distinct, grid)]  # fmt: skip
+                else:
+                    large += cells
+            read += _whole_views_read(large, n_whole, grid, overlap)
         out.append(s[read].max(dim=0).values)
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_batched_rule_equals_the_one_image_reference(seed):
+def _peak(cell, cells, distinct, grid):
+    """The largest distinctness among the object tiles next to `cell` (3 x 3, itself too)."""
+    y, x = divmod(cell, grid[1])
+    return max(
+        distinct[c] for c in cells if abs(c // grid[1] - y) <= 1 and abs(c % grid[1] - x) <= 1
+    )
+
+
+def _whole_views_read(large, n_whole, grid, overlap):
+    """The whole-image views that contain every large group's cells along the long axis (all
+    when there is none or no view contains them), in tile sides, one view at a time."""
+    rows, cols = grid
+    step = 1 - overlap
+    n, m = (cols, rows) if cols >= rows else (rows, cols)
+    length, short = (n - 1) * step + 1, (m - 1) * step + 1
+    if not large:
+        return list(range(n_whole))
+    along = [c % cols if cols >= rows else c // cols for c in large]
+    lo, hi = min(along) * step + 0.5 - step / 2, max(along) * step + 0.5 + step / 2
+    squares = n_whole - 1
+    starts = [(length - short) / 2]  # the global view: the centre square
+    starts += [j * (length - short) / (squares - 1) if squares > 1 else (length - short) / 2
+               for j in range(squares)]  # fmt: skip
+    inside = [v for v, a in enumerate(starts) if a <= lo + 1e-6 and hi <= a + short + 1e-6]
+    return inside or list(range(n_whole))
+
+
+def test_whole_views_that_cut_a_large_object_give_way_to_the_one_that_sees_it():
+    # A 4K-like 7 x 13 grid behind the global view and three squares (left, middle, right);
+    # labels (a, b). A large object fills columns 0-5: only the left square sees it whole.
+    rows, cols, whole = 7, 13, 4
+    emb = torch.zeros(whole + rows * cols, 3)
+    emb[:, 0] = 1.0  # background
+    sim = torch.zeros(len(emb), 2)
+    sim[:whole] = torch.tensor([[0.3, 0.9], [0.8, 0.2], [0.3, 0.95], [0.1, 0.5]])
+    # the global view and the middle square cut the object and read its part as `b`
+
+    def combined(columns):
+        e = emb.clone()
+        for r in range(1, 6):
+            for c in columns:
+                e[whole + r * cols + c] = torch.tensor([0.0, 1.0, 0.0])
+        e = torch.nn.functional.normalize(e, dim=-1)
+        distinct = scoring.tile_distinctness(e, [len(e)], [whole])
+        return scoring.combine_views(sim, distinct, [len(e)], [whole], [(rows, cols)], 0.5)[0]
+
+    assert torch.allclose(combined(range(6)), torch.tensor([0.8, 0.2]))  # the left square
+    centred = combined(range(4, 10))  # the global view and the middle square see it whole
+    assert torch.allclose(centred, torch.tensor([0.3, 0.95]))
+    assert torch.allclose(combined(range(13)), sim[:whole].max(dim=0).values)  # none does
+    assert torch.allclose(combined([]), sim[:whole].max(dim=0).values)  # nothing large
+
+
+def test_batched_rule_equals_the_one_image_reference():
+    whole_read = [x for seed in range(8) for x in _batched_equals_reference(seed)]
+    assert not all(whole_read) and any(whole_read)  # the whole-view rule was exercised
+
+
+def _batched_equals_reference(seed):
     g = torch.Generator().manual_seed(seed)
     views, whole, grids, parts = [], [], [], []
-    for i in range(7):  # untiled, tiled with grids of several shapes, one with a wrong grid
-        if i % 3 == 0:
+    for i in range(9):  # untiled, tiled with grids of several shapes, one with a wrong grid
+        if i % 4 == 0:
             views.append(1), whole.append(1), grids.append(None)
             parts.append(torch.randn(1, 8, generator=g))
             continue
         r, c, w = (
-            int(torch.randint(2, 6, (), generator=g)),
-            int(torch.randint(2, 9, (), generator=g)),
-            1 + i % 3,
+            int(torch.randint(2, 8, (), generator=g)),
+            int(torch.randint(2, 14, (), generator=g)),
+            1 + i % 4,
         )
         background = torch.randn(8, generator=g)
         tiles = background + 0.05 * torch.randn(r * c, 8, generator=g)
-        blobs = torch.rand(r * c, generator=g) < 0.3  # object tiles, in random groups
+        blobs = torch.rand(r, c, generator=g) < 0.2  # object tiles, in random groups ...
+        a, b = sorted(torch.randint(0, max(r, c), (2,), generator=g).tolist())
+        blobs[a : b + 1, a : b + 1] = True  # ... and a large one somewhere along the diagonal
+        blobs = blobs.view(-1)
         tiles[blobs] = torch.randn(int(blobs.sum()), 8, generator=g)
         parts.append(torch.cat([torch.randn(w, 8, generator=g), tiles]))
         views.append(w + r * c), whole.append(w)
@@ -288,4 +397,43 @@ def test_batched_rule_equals_the_one_image_reference(seed):
     batched = scoring.combine_views(sim, distinct, views, whole, grids, 0.5)
     reference = _reference_rule(emb, sim, views, whole, grids, 0.5)
     assert torch.allclose(batched, reference, atol=1e-6)
-    assert scoring.read_views(distinct, views, whole, grids, 0.5).sum() > sum(whole)  # tiles read
+    read = scoring.read_views(distinct, views, whole, grids, 0.5)
+    firsts = torch.tensor([0, *views[:-1]]).cumsum(0)
+    whole_read = [bool(read[f : f + n].all()) for f, n in zip(firsts, whole, strict=True)]
+    assert read.sum() > sum(whole) - whole_read.count(False)  # tiles read
+    return whole_read
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tiles"),
+    [(3840, 2160, "auto"), (2160, 3840, "auto"), (3840, 2160, "6x12"), (5000, 1800, "auto")],
+)
+def test_whole_views_read_are_those_whose_pixels_contain_the_large_object(width, height, tiles):
+    from omni_cli.inputs import tiling
+
+    grid = tiling.grid_shape(width, height, tiles, 0.5, 224)
+    boxes = tiling.grid_for(width, height, tiles, 0.5, 224)
+    rows, cols = grid
+    across = width >= height
+    axis, length, short = (0, width, height) if across else (1, height, width)
+    starts = sorted({b[axis] for b in boxes})
+    side, half = boxes[0][2] - boxes[0][0], (starts[1] - starts[0]) / 2
+    views = [(length / 2 - short / 2, length / 2 + short / 2)]  # the centre crop, then squares
+    views += [(b[axis], b[axis + 2]) for b in tiling.whole_boxes(width, height)]
+    whole = len(views)
+    n_along = cols if across else rows
+    checked = set()
+    for first in range(n_along):
+        for last in range(first + 4, min(first + 9, n_along)):  # spans >= 4 tiles: large
+            distinct = torch.zeros(whole + rows * cols)
+            for r in range(1, 3) if across else range(first, last + 1):
+                for c in range(first, last + 1) if across else range(1, 3):
+                    distinct[whole + r * cols + c] = 1.0
+            read = scoring.read_views(distinct, [len(distinct)], [whole], [grid], 0.5)
+            lo, hi = starts[first] + side / 2 - half, starts[last] + side / 2 + half
+            inside = [a <= lo + 1e-6 and hi <= b + 1e-6 for a, b in views]
+            expected = inside if any(inside) else [True] * whole
+            assert read[:whole].tolist() == expected, (first, last)
+            assert not read[whole:].any()  # a large group's tiles are never read
+            checked.add(tuple(expected))
+    assert len(checked) > 1  # some spans are seen whole by some views only

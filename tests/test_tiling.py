@@ -89,6 +89,9 @@ def test_small_corner_shape_is_found_with_tiles_and_missed_without(tmp_path, lab
     frame = synthetic.draw("green triangle", (3840, 2160), rng=rng, shape_frac=0.45,
                            center=(0.4, 0.55), background="textured")  # fmt: skip
     frame.save(folder / "frame.jpg", quality=90)  # fills 90% of the height, off-centre
+    edge = synthetic.draw("red square", (3840, 2160), rng=rng, shape_frac=0.3,
+                          center=(0.18, 0.5), background="light")  # fmt: skip
+    edge.save(folder / "edge.jpg", quality=90)  # 53% of the height, cut by the centre crop
     top, best = {}, {}
     for tiles in ("off", "auto"):
         out = tmp_path / f"{tiles}.parquet"
@@ -110,6 +113,8 @@ def test_small_corner_shape_is_found_with_tiles_and_missed_without(tmp_path, lab
     assert top["off"]["big.jpg"] == top["auto"]["big.jpg"] == "blue square"
     # parts of a frame-filling shape, seen by tiles, do not outvote the views that see it whole
     assert top["off"]["frame.jpg"] == top["auto"]["frame.jpg"] == "green triangle"
+    # an off-centre shape that the centre crop cuts keeps its label under auto
+    assert top["auto"]["edge.jpg"] == "red square"
     for tiles in ("off", "auto"):  # the README's SQL reads the argmax of similarity
         assert best[tiles] == top[tiles] | {"corner.jpg": best[tiles]["corner.jpg"]}
     assert best["auto"]["corner.jpg"] == "red circle"

@@ -46,14 +46,38 @@ def grid_for(width: int, height: int, tiles: str, overlap: float, input_size: in
     return [(x, y, x + s, y + s) for y in ys for x in xs]
 
 
-def grid_shape(
-    width: int, height: int, tiles: str, overlap: float, input_size: int
-) -> tuple[int, int] | None:
-    """(rows, cols) of this image's tiles as `grid_for` lays them out, or None when untiled."""
+class Grid(tuple):
+    """(rows, cols) of a tiled image's tiles, which also says where its tiles and whole-image
+    views lie along the image's long axis (x when width >= height), in pixels, for the tiling
+    rule (scoring.read_views): `centres` of the tiles by their index along that axis, `half`
+    half the distance between neighbouring tiles' starts, `spans` (start, end) of the global
+    view (taken as the centre square of the short side) and of each whole-image square."""
+
+    across: bool
+    centres: tuple[float, ...]
+    half: float
+    spans: tuple[tuple[float, float], ...]
+
+    def __new__(cls, rows: int, cols: int, width: int, height: int, boxes: list[Box]) -> Grid:
+        grid = super().__new__(cls, (rows, cols))
+        grid.across = width >= height
+        axis, length, short = (0, width, height) if grid.across else (1, height, width)
+        starts = sorted({b[axis] for b in boxes})
+        side = boxes[0][2] - boxes[0][0]
+        grid.centres = tuple(x + side / 2 for x in starts)
+        grid.half = (starts[1] - starts[0]) / 2 if len(starts) > 1 else side / 2
+        squares = [(b[axis], b[axis + 2]) for b in whole_boxes(width, height)]
+        grid.spans = (((length - short) / 2, (length + short) / 2), *squares)
+        return grid
+
+
+def grid_shape(width: int, height: int, tiles: str, overlap: float, input_size: int) -> Grid | None:
+    """(rows, cols) of this image's tiles as `grid_for` lays them out (a `Grid`, which also
+    says where they lie), or None when untiled."""
     boxes = grid_for(width, height, tiles, overlap, input_size)
     if not boxes:
         return None
-    return len({b[1] for b in boxes}), len({b[0] for b in boxes})
+    return Grid(len({b[1] for b in boxes}), len({b[0] for b in boxes}), width, height, boxes)
 
 
 def whole_boxes(width: int, height: int, overlap: float = 0.3) -> list[Box]:

@@ -20,20 +20,25 @@ on that label alone, so adding or removing a label never moves another label's s
 
 The views of a tiled image (tiling.py: whole-image views, then a grid of tiles) are combined
 label by label by `combine_views`, from the images alone, so that the choice never depends on
-which labels are asked for. The whole-image views are always read: the image's reading is
-theirs, and tiles only add to it. The image's typical tile is the mean of its largest group of
-alike tiles: the background, when objects are small. Tiles like it are background; the others
-are object tiles, and each 8-connected group of them holds one object or a few. A group that
-fits in a tile (it spans fewer tiles along each axis than an object one tile wide can touch:
-2 / (1 - overlap)) is read too: its tiles see its objects whole. Tiles of a larger group see
-only parts of something the whole-image views see whole (a corner of a square looks like a
-triangle), so they are not read, however sure they are. Each label then takes its best
+which labels are asked for. The image's typical tile is the mean of its largest group of alike
+tiles: the background, when objects are small. Tiles like it are background; the others are
+object tiles, and each 8-connected group of them holds one object or a few. A group that fits
+in a tile (it spans fewer tiles along each axis than an object one tile wide can touch:
+2/(1 - overlap)) is read: its tiles see its objects whole, but for those much less unlike the
+background than an object tile next to them, which see a sliver at their edge. Tiles of a
+larger group see only parts of something larger (a corner of a square looks like a triangle),
+so they are not read, however sure they are. The same holds for the whole-image views (global
+view and squares): a large group's extent along the long axis is known from its tiles, and a
+whole-image view that cuts it is not read when another whole-image view sees all of it; the
+image's reading is then that of the views that see its large object whole (with no large group,
+or none that one view contains, every whole-image view is read). Each label then takes its best
 similarity over the views read. All of it runs on the batch at once on the device.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -41,10 +46,20 @@ import torch
 # its image's typical tile shows background. With the fixture model, background tiles of one
 # image sit at 0.98-1.0 from each other, tiles that show a part of a shape below 0.9.
 TILE_ALIKE = 0.9
+# Of a small group, a tile is read when it is at least this share as unlike the background as
+# the most unlike object tile next to it (3 x 3): one far below sees a sliver of that tile's
+# object at its edge (the arc of a circle reads as a corner, a triangle). Next to it, not in
+# the whole group, so that a group of two objects keeps both. Chosen on tiny-clip, -b, -c and
+# tiny-siglip (stored embeddings of 4K sets like benchmarks/tiling.py's, 36 images each):
+# small shapes' top-1 0.89/0.92/0.86/0.92 reading every tile of the group, 1.00/0.92/0.92/0.94
+# at 0.6 and at 0.8, no set lower at 0.6; against the group's most unlike tile instead, 0.6
+# cost tiny-clip-c's tiled 1080p scenes F1 0.58 -> 0.52 (benchmarks/scores.py).
+GROUP_SHARE = 0.6
 # A label's score is 0.5 this many times the content-free images' largest spread above its mean
-# similarity to them (`score_baseline`). Chosen on tiny-clip, -b, -c and tiny-siglip
-# (benchmarks/scores.py: untiled multi-object F1 above the softmax reading on all four);
-# reported on held-out models in the README.
+# similarity to them (`score_baseline`). Chosen on tiny-clip, -b, -c and tiny-siglip with
+# benchmarks/score_sweep.py: the best mean F1 among the bars whose untiled multi-object F1 beats
+# the softmax reading on all four (0.4 and 0.5 do; at 0.6 tiny-clip-b's falls below it);
+# reported on held-out tiny-clip-d, -e, -f and tiny-siglip-b in the README.
 SCORE_SPREAD = 0.5
 # ... and for a tiled image (more than one view read), whose similarity is the best over many
 # views and so sits higher by chance: this many spreads. Chosen on the same four models
@@ -177,11 +192,14 @@ def read_views(
 ) -> torch.Tensor:
     """(total views,) bool: the views each image is read from.
 
-    Every whole-image view; and the object tiles (distinctness > 1 - TILE_ALIKE) whose
-    8-connected group of object tiles fits in one tile: it spans fewer than
-    `reach` = ceil(2 / (1 - overlap)) tiles along each axis (an object one tile wide touches at
-    most that many). A group's extent is found by passing each tile's bounding box of object
-    tiles to its object neighbours until nothing changes, for all images at once.
+    The object tiles (distinctness > 1 - TILE_ALIKE) whose 8-connected group of object tiles
+    fits in one tile: it spans fewer than `reach` = ceil(2 / (1 - overlap)) tiles along each
+    axis (an object one tile wide touches at most that many), and of these the tiles at least
+    GROUP_SHARE as distinct as the most distinct object tile next to them. And the
+    whole-image views that see every larger group whole (`_whole_seeing`); every whole-image
+    view when none does or there is no larger group. A group's extent is found by passing each
+    tile's bounding box of object tiles to its object neighbours until nothing changes, for
+    all images at once.
     """
     device, total = distinct.device, sum(views)
     read = torch.zeros(total + 1, dtype=torch.bool)  # last: padding
@@ -191,22 +209,96 @@ def read_views(
         if grid is None or n_tiles < 1 or grid[0] * grid[1] != n_tiles:
             read[start : start + (count if count == 1 else n_whole)] = True
         else:
-            read[start : start + n_whole] = True
-            tiled.append((start + n_whole, grid))
+            tiled.append((start, n_whole, grid))
     read = read.to(device, non_blocking=True)
     if not tiled:
         return read[:-1]
-    n_rows, n_cols = max(g[0] for _, g in tiled), max(g[1] for _, g in tiled)
+    n_rows, n_cols = max(g[0] for *_, g in tiled), max(g[1] for *_, g in tiled)
     index = torch.full((len(tiled), n_rows, n_cols), total, dtype=torch.long)
-    for i, (first, (r, c)) in enumerate(tiled):
-        index[i, :r, :c] = torch.arange(first, first + r * c).view(r, c)
+    for i, (first, n_whole, (r, c)) in enumerate(tiled):
+        index[i, :r, :c] = torch.arange(first + n_whole, first + n_whole + r * c).view(r, c)
     index = index.to(device, non_blocking=True)
     padded = torch.cat([distinct.float(), distinct.new_zeros(1, dtype=torch.float32)])
-    obj = (padded[index] > 1 - TILE_ALIKE) & (index < total)  # (images, rows, cols)
-    large = _large_groups(obj, math.ceil(2 / (1 - overlap) - 1e-9), n_rows * n_cols)
-    read.index_put_((index.view(-1),), (obj & ~large).view(-1))
+    distinct = padded[index]  # (images, rows, cols)
+    obj = (distinct > 1 - TILE_ALIKE) & (index < total)
+    reach = math.ceil(2 / (1 - overlap) - 1e-9)
+    large = _large_groups(obj, reach, n_rows * n_cols)
+    # the most distinct object tile around each (3 x 3): a tile far below it sees a sliver
+    peak = torch.nn.functional.max_pool2d(distinct.masked_fill(~obj, 0).unsqueeze(1), 3, 1, 1)
+    whole_seen = obj & ~large & (distinct >= GROUP_SHARE * peak.squeeze(1))
+    read.index_put_((index.view(-1),), whole_seen.view(-1))
+    seen, whole_index = _whole_seeing(large, tiled, overlap, total)
+    read.index_put_((whole_index.view(-1),), seen.view(-1))
     read[-1] = False
     return read[:-1]
+
+
+def _whole_seeing(
+    large: torch.Tensor, tiled: list[tuple[int, int, tuple[int, int]]], overlap: float, total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which whole-image views of each tiled image to read: ((images, most whole views) bool,
+    the same shape of view indices, padding at `total`).
+
+    Along the image's long axis, the large groups' extent is the span of their tiles' middles
+    (each tile's centre +- half the distance between neighbouring tiles). A whole-image view
+    that cuts it sees part of a large object, whose reading can look like another label (a
+    corner of a square is a triangle), so it is read only when no whole-image view contains the
+    extent. Where the views lie comes from the `tiling.Grid`; a plain (rows, cols) is taken as
+    tiles `1 - overlap` of a side apart, the grid's own cover (`_approximate`). The global view
+    is the centre square (CLIP's centre crop; a squashing processor sees more, so this only
+    ever drops it where a square sees as much). All images at once; no device synchronisation.
+    """
+    device = large.device
+    n, h, w = large.shape
+    n_whole = max(count for _, count, _ in tiled)
+    bounds = torch.zeros(n, n_whole, 2)  # (images, whole views, start/end) along the long axis
+    bounds[..., 0], bounds[..., 1] = 1e18, -1e18  # padding contains nothing
+    centres = torch.zeros(n, max(h, w))  # (images, tiles along the long axis)
+    half = torch.zeros(n)
+    index = torch.full((n, n_whole), total, dtype=torch.long)
+    across = torch.zeros(n, dtype=torch.bool)  # the long axis is the columns
+    for i, (first, count, grid) in enumerate(tiled):
+        geometry = _approximate(grid, overlap, count) if not hasattr(grid, "spans") else grid
+        across[i] = geometry.across
+        centres[i, : len(geometry.centres)] = torch.tensor(geometry.centres)
+        half[i] = geometry.half
+        bounds[i, :count] = torch.tensor(geometry.spans[:count])
+        index[i, :count] = torch.arange(first, first + count)
+    bounds, index, centres, half, across = (
+        t.to(device, non_blocking=True) for t in (bounds, index, centres, half, across)
+    )
+    along = torch.where(
+        across.view(-1, 1, 1),
+        torch.arange(w, device=device).view(1, 1, w).expand(n, h, w),
+        torch.arange(h, device=device).view(1, h, 1).expand(n, h, w),
+    )  # (images, rows, cols): each tile's index along the long axis
+    pos, mask = centres.gather(1, along.reshape(n, -1)), large.view(n, -1)
+    lo = pos.masked_fill(~mask, float("inf")).min(dim=1).values - half  # (images,)
+    hi = pos.masked_fill(~mask, float("-inf")).max(dim=1).values + half
+    slack = 1e-3 * half.view(-1, 1)
+    inside = (bounds[..., 0] <= lo.view(-1, 1) + slack) & (hi.view(-1, 1) <= bounds[..., 1] + slack)
+    seen = inside | ~inside.any(dim=1, keepdim=True)  # none sees it whole, or no large group
+    return seen & (index < total), index
+
+
+def _approximate(grid: tuple[int, int], overlap: float, n_whole: int) -> SimpleNamespace:
+    """A plain (rows, cols) grid's geometry in tile sides: tiles 1 - overlap apart, so the long
+    side is (n - 1)(1 - overlap) + 1 and the short side likewise; squares evenly spread."""
+    rows, cols = grid
+    step = 1 - overlap
+    n, m = (cols, rows) if cols >= rows else (rows, cols)
+    length, short = (n - 1) * step + 1, (m - 1) * step + 1
+    squares = n_whole - 1
+    starts = [j * (length - short) / max(squares - 1, 1) for j in range(squares)]
+    if squares == 1:
+        starts = [(length - short) / 2]
+    spans = [((length - short) / 2, (length + short) / 2)] + [(a, a + short) for a in starts]
+    return SimpleNamespace(
+        across=cols >= rows,
+        centres=[i * step + 0.5 for i in range(n)],
+        half=step / 2,
+        spans=spans,
+    )
 
 
 def _large_groups(obj: torch.Tensor, reach: int, steps: int) -> torch.Tensor:
