@@ -3,9 +3,11 @@
 Two allocators keep freed memory for reuse. glibc's malloc, which torch uses for tensors,
 raises its mmap threshold each time a large block is freed, so that later batches come from
 the heap, which it trims only from the top: tagging 6,000 small JPEGs grew the process by
-1.0 GB this way, most of it free. Arrow's pool keeps freed pages too. `trim` (at most once a
-second, from the tagging loop) and `release` (between stages) give them back: the same run
-peaked at 0.5 GB, at the same speed. Both are no-ops where there is no glibc.
+1.0 GB this way, most of it free. Arrow's pool keeps freed pages too. `trim` (from the tagging
+loop, once the process has grown 128 MiB since the last trim, or a second has passed) and
+`release` (between stages) give them back: the same run peaked at 0.6-0.7 GB instead of 1.3 GB,
+4% slower (trimming after every batch: 25% slower, since the next batch faults its pages in
+again). Both are no-ops where there is no glibc.
 """
 
 from __future__ import annotations
@@ -13,22 +15,35 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import time
 
 import pyarrow as pa
 
 _libc = None
 _last = 0.0
+_after = 0  # resident bytes after the last trim
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def trim(every: float = 1.0) -> None:
-    """Return the C heap's free pages to the system, at most once every `every` seconds."""
-    global _last
-    now = time.monotonic()
-    if now - _last < every:
+def trim(grown: int = 128 << 20, every: float = 1.0) -> None:
+    """Return the C heap's free pages to the system once the process has grown by `grown`
+    bytes since the last trim, or `every` seconds have passed."""
+    global _last, _after
+    now, size = time.monotonic(), _resident()
+    if size - _after < grown and now - _last < every:
         return
-    _last = now
     _malloc_trim()
+    _last, _after = now, _resident()
+
+
+def _resident() -> int:
+    """Resident bytes of this process (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def release() -> None:

@@ -105,10 +105,11 @@ def tag(
         listing = list_inputs(cfg, labels, prompts, emit)
         if listing.result is not None:
             return listing.result
-        entries = listing.entries
-        emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
+        total = len(listing.entries)
+        emit(Progress("model", total=total, message=f"loading {cfg.model.model}"))
         encoder, classifier = load_model(cfg, prompts, emit)
         plan, tagger = plan_run(cfg, listing, encoder, classifier, labels, prompts, emit)
+        listing = listing.planned(cfg)
         feeder = make_feeder(cfg, encoder, plan.todo, jpeg_decoder)
         result = write_rows(cfg, plan, encoder, tagger.stream(feeder), emit, feeder, tagger)
         result.times = {**feeder.times, **tagger.times}
@@ -124,13 +125,22 @@ class Listing:
     start from it (under the output's lock)."""
 
     entries: Files  # files found, plus the rows held under folders not listed
-    lookup: Lookup  # finds a file by (root, path)
+    lookup: Lookup | None  # finds a file by (root, path)
     survey: Survey | None  # the previous output, read once (None: there is none)
     held: int | None  # entries from this index on are rows held under folders not listed
     unlisted: list[tuple[str, str, str]]  # (root, folder, reason) of folders not listed
     result: TagResult | None  # set when nothing changed: the run ends here
     force: np.ndarray | None = None  # indices of files whose content changed (--verify)
     digests: tuple = ()  # --verify: the content hash of each entry, recorded when the run ends
+
+    def planned(self, cfg: TagConfig) -> Listing:
+        """What the run still needs once its plan is made: the whole list of files and the
+        survey of the previous output only served the plan (the plan keeps the files to tag),
+        so they are given back before tagging, where a run's memory peaks."""
+        keep = self.entries if cfg.verify else Files.of([])
+        done = dataclasses.replace(self, entries=keep, lookup=None, survey=None)
+        memory.release()
+        return done
 
     def done(self, cfg: TagConfig) -> None:
         """The run succeeded: record the content hashes it verified against."""
