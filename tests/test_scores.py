@@ -190,6 +190,22 @@ def test_tiled_rows_of_another_tile_rule_are_rescored_from_their_embeddings(
         assert row["top_labels"] == fresh[path]["top_labels"], path
 
 
+def test_untiled_rows_do_not_pay_for_a_new_tile_rule(tmp_path, photos, labels_file):
+    """A new tiling rule changes no untiled row: they are carried, not tagged again, even
+    without stored embeddings to rescore from."""
+    out = tmp_path / "tags.parquet"
+    tag(config(photos, labels_file, out))
+    fresh = rows_by_path(out)
+    table = pq.read_table(out)  # as a version with another tiling rule wrote it
+    meta = metadata(out)
+    meta["tile_rule"] = "every view, each label its largest similarity"
+    meta.pop("request")
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta)}), out)
+    result = tag(config(photos, labels_file, out))
+    assert (result.carried, result.tagged) == (len(fresh), 0)
+    assert rows_by_path(out) == fresh
+
+
 def test_label_scores_are_the_models_log_odds_over_the_calibrated_midpoint():
     baseline = torch.tensor([0.2, -0.1])
     sim = torch.tensor([[0.2, 0.0], [0.3, -0.1], [0.7, 0.4]])

@@ -210,6 +210,8 @@ def _previous(cfg: TagConfig, want: dict, schema: pa.Schema, survey: Survey, ski
             "and replace it"
         )
     rescore = [k for k in SCORING if have[k] != want[k]]
+    if want["tiles"] == "off":  # an untiled row has one view: no tiling rule touched it
+        rescore = [k for k in rescore if k != "tile_rule"]
     relabel = bool(rescore)
     if "embedding" in names and not want["embedding"]:
         raise UsageError(
