@@ -99,13 +99,20 @@ def tag_ray(
         listing = list_inputs(cfg, labels, prompts, emit)
         if listing.result is not None:  # nothing to do: no cluster to start
             return listing.result
-        entries = listing.entries
-        emit(Progress("model", total=len(entries), message="starting Ray"))
+        total = len(listing.entries)
+        emit(Progress("model", total=total, message="starting Ray"))
         started_here = _start(ray, address, tmp_dir)
         try:
             place = placement(ray.cluster_resources(), cfg.model.device)
-            emit(Progress("model", total=len(entries), message=f"loading {cfg.model.model}"))
-            result = _run(ray, cfg, place, listing, labels, prompts, emit)
+            emit(Progress("model", total=total, message=f"loading {cfg.model.model}"))
+            actor_cfg = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, device=place.device)
+            )
+            encoder, classifier = _loaded(ray, actor_cfg, place, prompts)
+            plan, tagger = plan_run(cfg, listing, encoder, classifier, labels, prompts, emit)
+            listing = listing.planned(cfg)
+            result = _run(ray, cfg, actor_cfg, place, plan, tagger, encoder, prompts, labels,
+                          emit)  # fmt: skip
             result.unlisted = listing.unlisted
             listing.done(cfg)
             return result
@@ -114,14 +121,9 @@ def tag_ray(
                 ray.shutdown()
 
 
-def _run(ray, cfg, place: Placement, listing, labels, prompts, emit) -> TagResult:
-    actor_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=place.device))
-    # The driver needs what the actors will load (precision, revision, batch, label classifier)
-    # for the output's metadata and for rescoring carried rows; it may have no GPU, so ask one
-    # worker placed like an actor.
-    describe = ray.remote(_describe).options(num_cpus=place.num_cpus, num_gpus=place.num_gpus)
-    encoder, classifier = ray.get(describe.remote(actor_cfg, prompts))
-    plan, tagger = plan_run(cfg, listing, encoder, classifier, labels, prompts, emit)
+def _run(ray, cfg: TagConfig, actor_cfg: TagConfig, place: Placement, plan, tagger, encoder,
+         prompts, labels, emit) -> TagResult:  # fmt: skip
+    """Tag the plan's files on the cluster and write the output (under the driver's lock)."""
     names = [lab.name for lab in labels]
     tables = _dataset(ray, actor_cfg, place, plan, encoder, prompts, names) if plan.todo else []
     rows = (
@@ -130,6 +132,14 @@ def _run(ray, cfg, place: Placement, listing, labels, prompts, emit) -> TagResul
         for batch in table.to_batches()
     )
     return write_rows(cfg, plan, encoder, rows, emit, tagger=tagger)
+
+
+def _loaded(ray, actor_cfg: TagConfig, place: Placement, prompts):
+    """The encoder and classifier the actors will load (precision, revision, batch, label
+    classifier): the driver needs them for the output's metadata and for rescoring carried
+    rows, and may have no GPU, so one worker placed like an actor loads them."""
+    describe = ray.remote(_describe).options(num_cpus=place.num_cpus, num_gpus=place.num_gpus)
+    return ray.get(describe.remote(actor_cfg, prompts))
 
 
 def _dataset(ray, cfg: TagConfig, place: Placement, plan, encoder, prompts, names):
