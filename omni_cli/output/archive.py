@@ -332,8 +332,11 @@ def _regions(parts, previous: Previous, starts, ends, new_row_bytes, target):
 
 def _old_rows(path: Path, previous: Previous) -> Iterator[pa.RecordBatch]:
     """A previous part's rows that stay, row group by row group, rescored if asked."""
+    stays = previous.stays.get(path.name)
+    if stays is None:  # listed in _parts.json but not among the files this run read
+        raise OutputError(f"{path} is not a part this run read; the archive was not changed")
     try:
-        for table in kept_rows(path, previous.stays[path.name]):
+        for table in kept_rows(path, stays):
             for batch in table.to_batches():
                 if batch.num_rows:
                     yield previous.rescore(batch) if previous.rescore else batch
