@@ -139,10 +139,6 @@ class Survey:
     def rows(self) -> int:
         return len(self.at)
 
-    def part_of(self, rows: np.ndarray) -> np.ndarray:
-        """Which file each of these row numbers is in."""
-        return np.searchsorted(np.asarray(self.starts), rows, side="right") - 1
-
     def described(self, n_files: int) -> np.ndarray:
         """(files,) bool: the listed files that a row describes as they are now."""
         seen = np.zeros(n_files, bool)

@@ -99,6 +99,11 @@ def meta_json(schema: pa.Schema) -> str:
     return (schema.metadata or {}).get(META_KEY, b"{}").decode("utf-8")
 
 
+def schema_metadata(schema: pa.Schema) -> dict:
+    """The run's metadata carried by an in-memory output schema."""
+    return json.loads(meta_json(schema))
+
+
 def write_file(
     path: Path,
     batches: Iterable[pa.RecordBatch],

@@ -18,7 +18,6 @@ a null slot of a fixed-size list does not survive a Parquet round trip in pyarro
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -35,7 +34,7 @@ from ..inputs.loader import Item
 from ..model import scoring
 from ..model.encoder import Encoder
 from ..model.labels import Classifier
-from .layout import META_KEY
+from .layout import schema_metadata
 
 
 class _ViewQueue:
@@ -107,7 +106,7 @@ class Tagger:
         self.top_k, self.threshold = top_k, threshold
         self.embeddings = "embedding" in schema.names
         self.times = {"encode": 0.0, "wait for device": 0.0, "build rows": 0.0}
-        meta = json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
+        meta = schema_metadata(schema)
         self.tiles, self.overlap = meta.get("tiles", "off"), meta.get("tile_overlap", 0.5)
 
     def stream(self, groups: Iterable[Fed]) -> Iterator[pa.RecordBatch]:

@@ -51,7 +51,7 @@ from . import archive, layout
 from .archive import Part
 from .compare import KEY_COLUMNS, Lookup, Survey
 from .identity import ENCODING, IDENTITY, SCORING, TOPS, differences, fingerprint
-from .layout import META_KEY, row_keys
+from .layout import row_keys
 from .sink import partial_dir
 from .sink import schema as output_schema
 
@@ -111,13 +111,6 @@ def columns(labels: int, embeddings: bool) -> list[str]:
     return output_schema(labels, embeddings=embeddings, metadata={}).names
 
 
-def metadata(schema: pa.Schema) -> dict:
-    """The run's metadata an in-memory output schema carries."""
-    import json
-
-    return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
-
-
 def unchanged(cfg: TagConfig, files: Files, survey: Survey | None, request: dict):
     """The previous output's error rows if this run has nothing to do, else None.
 
@@ -155,7 +148,7 @@ def plan_work(
     interrupted run's rows are resumed also under `--full` (it ignores only the previous
     output), unless they were made differently.
     """
-    want = fingerprint(metadata(schema))
+    want = fingerprint(layout.schema_metadata(schema))
     done = np.zeros(len(files), bool)
     fields: dict = {}
     errors: list = []
@@ -292,8 +285,8 @@ def _resume(partial: Path, want: dict, lookup: Lookup, cfg: TagConfig) -> tuple 
             at = lookup.find(batch["root"], batch["path"])
             same = lookup.same(batch, at)
             found.append(at[same])
-            failed = batch.filter(pa.array(same)).filter(
-                pc.equal(batch.filter(pa.array(same))["status"], "error"))  # fmt: skip
+            kept = batch.filter(pa.array(same))
+            failed = kept.filter(pc.equal(kept["status"], "error"))
             errors += zip(*(failed[c].to_pylist() for c in ("root", "path", "error")), strict=True)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(
